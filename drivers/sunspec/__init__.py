@@ -1,0 +1,1 @@
+"""SunSpec: model definitions from the official JSON, decoding/encoding, discovery."""
