@@ -1,0 +1,1 @@
+"""The other end of the wire: market operator, DSO envelope publisher, community simulation."""

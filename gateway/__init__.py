@@ -1,0 +1,1 @@
+"""The hems gateway daemon: clock, store, telemetry, forecast, optimize, market agent, envelope, control."""
