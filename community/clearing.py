@@ -79,7 +79,7 @@ def _bad(mask: npt.NDArray[np.bool_], what: str, values: npt.NDArray[Any] | None
     bad = np.flatnonzero(mask)
     if bad.size:
         i = int(bad[0])
-        shown = f" ({values[i]!r})" if values is not None else ""
+        shown = f" ({values[i].item()!r})" if values is not None else ""
         more = f"; {bad.size} steps in all" if bad.size > 1 else ""
         raise ValueError(f"step {i}: {what}{shown}{more}")
 
