@@ -264,4 +264,4 @@ def scale(raw: int | float | None, sf: int | None) -> float | None:
 
 def unscale(value: float, sf: int) -> int:
     """Scaled value to the nearest raw integer."""
-    return int(round(value / (10.0 ** sf)))
+    return round(value / (10.0 ** sf))
