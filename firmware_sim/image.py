@@ -42,6 +42,11 @@ class RegisterImage:
     base: int
     regs: list[int]
     models: list[ModelBlock] = field(default_factory=list)
+    # (model id, point) -> (definition, index into regs); filled on first use, because the
+    # simulated devices look points up on every poll.
+    _loc: dict[tuple[int, str], tuple[PointDef, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     # ---- placement -------------------------------------------------------------------------
     def model(self, model_id: int) -> ModelBlock:
@@ -54,9 +59,24 @@ class RegisterImage:
         return any(m.mdef.id == model_id for m in self.models)
 
     def locate(self, model_id: int, point: str) -> tuple[PointDef, int]:
+        """A point's definition and its index in :attr:`regs`."""
+        key = (model_id, point)
+        hit = self._loc.get(key)
+        if hit is None:
+            blk = self.model(model_id)
+            p = blk.mdef.point(point)
+            hit = self._loc[key] = (p, blk.address + p.offset - self.base)
+        return hit
+
+    def span(self, model_id: int) -> tuple[int, int]:
+        """Absolute register addresses ``[start, end)`` of a model (ID and L included)."""
         blk = self.model(model_id)
-        p = blk.mdef.point(point)
-        return p, blk.address + p.offset - self.base
+        return blk.address, blk.address + blk.mdef.fixed_size
+
+    @property
+    def end(self) -> int:
+        """First absolute address after the image (after the end marker)."""
+        return self.base + len(self.regs)
 
     # ---- raw access --------------------------------------------------------------------------
     def get_raw(self, model_id: int, point: str) -> int | float | str | None:
@@ -69,7 +89,7 @@ class RegisterImage:
 
     # ---- scaled access -----------------------------------------------------------------------
     def sf_of(self, model_id: int, point: str) -> int | None:
-        p = self.model(model_id).mdef.point(point)
+        p, _ = self.locate(model_id, point)
         if p.sf is None:
             return 0
         if isinstance(p.sf, int):
@@ -86,13 +106,13 @@ class RegisterImage:
             self.set_raw(model_id, point, None)
             return
         sf = self.sf_of(model_id, point) or 0
-        p = self.model(model_id).mdef.point(point)
+        p, _ = self.locate(model_id, point)
         raw = unscale(value, sf)
-        lo, hi = _raw_range(p.type)
+        lo, hi = raw_range(p.type)
         self.set_raw(model_id, point, min(max(raw, lo), hi))
 
 
-def _raw_range(ptype: str) -> tuple[int, int]:
+def raw_range(ptype: str) -> tuple[int, int]:
     """Largest valid raw range of a type, excluding its "not implemented" sentinel."""
     return {
         "int16": (-0x7FFF, 0x7FFF),
@@ -106,6 +126,9 @@ def _raw_range(ptype: str) -> tuple[int, int]:
         "enum32": (0, 0xFFFFFFFE),
         "bitfield32": (0, 0x7FFFFFFF),
     }.get(ptype, (-(1 << 62), 1 << 62))
+
+
+_raw_range = raw_range  # the earlier private name
 
 
 def build_image(
