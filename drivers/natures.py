@@ -90,6 +90,10 @@ class Meter(Protocol):
 
     async def read(self) -> MeterReading: ...
 
+    async def close(self) -> None:
+        """Release the connection (the device keeps running on its own)."""
+        ...
+
 
 @runtime_checkable
 class Inverter(Protocol):
@@ -98,6 +102,8 @@ class Inverter(Protocol):
     name: str
 
     async def read(self) -> InverterReading: ...
+
+    async def close(self) -> None: ...
 
     async def set_limit_pct(self, pct: float, revert_s: float) -> None:
         """Limit AC output to ``pct`` % of WMax; the device reverts after ``revert_s``."""
@@ -115,6 +121,8 @@ class Battery(Protocol):
     name: str
 
     async def read(self) -> BatteryReading: ...
+
+    async def close(self) -> None: ...
 
     async def set_power(self, w: float, revert_s: float) -> None:
         """Hold battery power at ``w`` (+ charge, - discharge), clamped by the device to its

@@ -85,6 +85,8 @@ class MapLink(Protocol):
 
     async def write_registers(self, address: int, values: Sequence[int]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class MapPoint:
@@ -339,6 +341,10 @@ class MappedDevice:
         self.clock: Clock = clock or WallClock()
         self._plan = plan_map_reads(list(rmap.points.values()), rmap.max_read, rmap.max_gap)
 
+
+    async def close(self) -> None:
+        """Close the device's Modbus connection."""
+        await self.link.close()
     async def read_values(self) -> dict[str, float | None]:
         """All mapped points, scaled."""
         out: dict[str, float | None] = {}

@@ -1,4 +1,4 @@
-"""The ``hems`` command line: the only place that wires drivers, gateway, firmware_sim and community.
+"""The ``hems`` command line: the one place that wires drivers, gateway, firmware_sim, community.
 
 Sub-commands import what they need lazily, so ``hems scan`` does not pay for cvxpy.
 Every ``--json`` command prints its figures for people first (on stderr when ``--json`` is given,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -26,7 +27,7 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from firmware_sim.server import serve
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve(
                 host=args.host,
@@ -36,8 +37,6 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                 home_index=args.home,
             )
         )
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -63,7 +62,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     else:
         print(f"SunSpec base {result['base']}")
         for m in result["models"]:  # type: ignore[attr-defined]
-            print(f"  model {m['id']:>4} {m.get('name', '?'):<24} @{m['address']} len {m['length']}")
+            name = m.get("name", "?")
+            print(f"  model {m['id']:>4} {name:<24} @{m['address']} len {m['length']}")
             for k, v in (m.get("points") or {}).items():
                 if v is not None:
                     print(f"      {k} = {v}")

@@ -106,6 +106,10 @@ class _SunSpecDevice:
         """Re-read the nameplate/settings models at the next poll."""
         self._static_at = None
 
+    async def close(self) -> None:
+        """Close the device's Modbus connection."""
+        await self.link.close()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, models={self.smap.ids})"
 

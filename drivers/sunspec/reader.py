@@ -48,6 +48,8 @@ class RegisterLink(Protocol):
 
     async def write_registers(self, address: int, values: Sequence[int]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 # --------------------------------------------------------------------------- decoding (pure)
 

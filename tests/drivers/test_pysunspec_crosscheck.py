@@ -68,3 +68,41 @@ async def test_pysunspec2_agrees_with_scan(serve: ServeFn, make: Any) -> None:
             assert same(value, tv[name]), (m["id"], name, value, tv[name])
             compared += 1
     assert compared > 50
+
+
+async def test_pysunspec2_agrees_with_scan_on_the_simulated_home() -> None:
+    """The acceptance check of the device layer: pysunspec2 scans each device of the simulated
+    home (firmware_sim, real pymodbus servers) and reads the same models and scaled values as
+    ``hems scan`` decodes. The simulated clock is all but stopped so that both clients see the
+    same physical state."""
+    from drivers.clock import SimClock
+    from firmware_sim.home import HomeConfig
+    from firmware_sim.server import run_home
+
+    clock = SimClock(start=1_782_046_800.0, speed=1e-9)  # 2026-06-21 13:00 (UTC == local)
+    async with run_home(clock, HomeConfig(home_index=3)) as sim:
+        assert sorted(ep.kind for ep in sim.endpoints) == ["battery", "inverter", "meter"]
+        seen: dict[str, dict[int, dict[str, Any]]] = {}
+        for ep in sim.endpoints:
+            ours = await scan(ModbusLink.tcp(ep.host, ep.port, ep.unit, timeout_s=2.0))
+            theirs = await asyncio.to_thread(pysunspec_scan, ep.port, ep.unit)
+            assert sorted(m["id"] for m in ours["models"]) == sorted(theirs), ep.kind
+            compared = 0
+            for m in ours["models"]:
+                pads = {p.name for p in load_model(m["id"]).points if p.type == "pad"}
+                for name, value in m["points"].items():
+                    if name in pads:
+                        continue
+                    if value is None and m["raw"].get(name) is not None:
+                        assert theirs[m["id"]][name] == m["raw"][name]
+                        continue
+                    assert same(value, theirs[m["id"]][name]), (ep.kind, m["id"], name)
+                    compared += 1
+            assert compared > 30, ep.kind
+            seen[ep.kind] = {m["id"]: m["points"] for m in ours["models"]}
+        # and what both clients read is the simulated physics, not a static image
+        st = sim.physics.state()
+        assert st.pv_w > 0 and st.load_w > 0
+        assert abs(seen["inverter"][103]["W"] - st.pv_w) <= 1.0
+        assert abs(seen["meter"][203]["W"] - st.site_w) <= 1.0
+        assert abs(seen["battery"][802]["SoC"] - st.soc_pct) <= 0.1
