@@ -28,6 +28,7 @@ import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from gateway.forecast.metrics import daily_energy_error, mae, rmse
 from gateway.forecast.pv import forecast_pv
 from gateway.forecast.solar import PvArray
 from gateway.optimize import Battery, PlanInputs, plan_or_fallback, solve_plan
+from gateway.optimize.follow import follow_plan
 from gateway.tariff import DEFAULT_TOU, Tariff, flat
 
 FloatArray = np.ndarray
@@ -104,11 +106,13 @@ class HomeResult:
 def plant_step(
     soc_wh: float, battery_w: float, load_w: float, pv_w: float, step_s: float,
     capacity_wh: float, max_charge_w: float, max_discharge_w: float, eta: float,
+    reserve_wh: float = 0.0,
 ) -> tuple[float, float, float, float]:
     """Move the battery and the meter one step on the real load/PV.
 
     The commanded battery power is clamped to the ratings and to what the state of charge
-    allows (a real BMS does the same). Returns (battery_w, new_soc_wh, import_w, export_w).
+    allows above ``reserve_wh`` (the gateway's reserve, as the fast loop enforces it) and below
+    the capacity. Returns (battery_w, new_soc_wh, import_w, export_w).
     """
     h = step_s / 3600.0
     if battery_w > 0:
@@ -116,7 +120,7 @@ def plant_step(
         b = min(battery_w, max_charge_w, room)
         soc = soc_wh + b * eta * h
     else:
-        avail = max(0.0, soc_wh) * eta / h if h > 0 else 0.0
+        avail = max(0.0, soc_wh - reserve_wh) * eta / h if h > 0 else 0.0
         b = -min(-battery_w, max_discharge_w, avail)
         soc = soc_wh + b / eta * h
     soc = min(max(soc, 0.0), capacity_wh)
@@ -134,11 +138,9 @@ def _run_rule(
     exp = np.zeros_like(load)
     for k in range(load.size):
         want = pv[k] - load[k] if use_battery else 0.0
-        if want < 0:  # do not discharge below the reserve
-            want = -min(-want, max(0.0, soc - reserve) * o.eta / (o.step_s / 3600.0))
         _, soc, imp[k], exp[k] = plant_step(
             soc, want, load[k], pv[k], o.step_s, cap, o.battery_kw * 1000, o.battery_kw * 1000,
-            o.eta,
+            o.eta, reserve,
         )
     return imp, exp, soc
 
@@ -181,7 +183,9 @@ def run_home(home: int, o: BacktestOptions) -> HomeResult:
     load_all = resample_mean(np.asarray(ls.watts[home], dtype=np.float64), k_load)[first:last]
     pv_all = o.pv_kwp * resample_mean(np.asarray(pvp.w_per_kwp, dtype=np.float64), k_pv)
     pv_all = pv_all[first:last]
-    t_all = (first + np.arange(load_all.size)) * float(o.step_s)  # profile seconds (== sim UTC)
+    # Real timestamps of the profile year, so that weekdays (tariff, forecaster) match the data.
+    year0 = datetime(ls.year, 1, 1, tzinfo=UTC).timestamp()
+    t_all = year0 + (first + np.arange(load_all.size)) * float(o.step_s)
 
     n_warm = o.warmup_days * per_day
     n = o.days * per_day
@@ -244,9 +248,10 @@ def run_home(home: int, o: BacktestOptions) -> HomeResult:
         res.solve_ms.append(plan.solve_ms)
         if plan.source != "lp":
             res.fallbacks += 1
+        want = follow_plan(plan.setpoint.battery_w, plan.setpoint.site_w, load[k], pv[k])
         _, soc, imp[k], exp[k] = plant_step(
-            soc, plan.setpoint.battery_w, load[k], pv[k], o.step_s, cap,
-            o.battery_kw * 1000, o.battery_kw * 1000, o.eta,
+            soc, want, load[k], pv[k], o.step_s, cap,
+            o.battery_kw * 1000, o.battery_kw * 1000, o.eta, cap * o.reserve_pct / 100.0,
         )
     costs["mpc"] = total(imp, exp, soc)
     res.load_kwh = float(load.sum() * o.step_s / 3.6e6)

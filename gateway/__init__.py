@@ -1,1 +1,1 @@
-"""The hems gateway daemon: clock, store, telemetry, forecast, optimize, market agent, envelope, control."""
+"""The hems gateway: the daemon and its pure maths (forecast, optimize, envelope, control)."""

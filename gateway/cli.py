@@ -80,8 +80,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         cycle_s=args.cycle,
         start=args.start,
         out_dir=args.out,
+        broker=args.broker,
     )
-    report = asyncio.run(run_demo(opts))
+    try:
+        report = asyncio.run(run_demo(opts))
+    except (ValueError, RuntimeError) as e:  # bad options, no broker available
+        print(f"hems demo: {e}", file=sys.stderr)
+        return 2
     text = format_report(report)
     if args.json:
         print(text, file=sys.stderr)
@@ -91,10 +96,71 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.get("ok", True) else 1
 
 
+def _cmd_backtest(args: argparse.Namespace) -> int:
+    from community.backtest import BacktestOptions, format_report, run_backtest
+
+    try:
+        opts = BacktestOptions(
+            days=args.days, homes=args.homes, first_home=args.first_home, source=args.data,
+            start_day=args.start_day, step_s=args.step, tariff=args.tariff, pv_site=args.pv_site,
+            pv_kwp=args.pv_kwp, battery_kwh=args.battery_kwh, battery_kw=args.battery_kw,
+            seed=args.seed, workers=args.workers,
+        )
+        report = run_backtest(opts)
+    except ValueError as e:
+        print(f"hems backtest: {e}", file=sys.stderr)
+        return 2
+    text = format_report(report)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(report, separators=(",", ":")))
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.daemon import main_run
+
+    return main_run(args.config)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from gateway.config import check_config
+
+    problems = check_config(args.file)
+    for p in problems:
+        print(f"hems: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.file}: ok")
+    return 2 if problems else 0
+
+
+def _cmd_dso(args: argparse.Namespace) -> int:
+    from community.dso import dso_main
+
+    return dso_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hems", description="Home energy management gateway")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("run", help="run the gateway daemon (systemd: hems-gateway.service)")
+    s.add_argument("--config", default="/etc/hems/gateway.toml")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("config", help="configuration tools")
+    csub = s.add_subparsers(dest="config_cmd", required=True)
+    c = csub.add_parser("check", help="validate a gateway config file without starting")
+    c.add_argument("file")
+    c.set_defaults(func=_cmd_config_check)
+
+    s = sub.add_parser("dso", add_help=False,
+                       help="DSO envelope publisher: run | publish | keygen (see hems dso --help)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_dso)
 
     s = sub.add_parser("sim", help="serve the simulated inverter, battery and meter (Modbus TCP)")
     s.add_argument("--host", default="127.0.0.1")
@@ -119,12 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cycle", type=float, default=5.0, help="control cycle, simulated seconds")
     s.add_argument("--start", default="2026-06-21T00:00:00Z", help="simulated start (UTC)")
     s.add_argument("--out", default=None, help="directory for the database and report files")
+    s.add_argument("--broker", default="auto",
+                   help="auto (local mosquitto if installed, else amqtt) | mosquitto | amqtt")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("backtest", help="closed-loop backtest of the planner on the shipped data")
+    s.add_argument("--days", type=int, default=28)
+    s.add_argument("--homes", type=int, default=10)
+    s.add_argument("--first-home", type=int, default=10,
+                   help="first household index (the forecaster was tuned on 0-9)")
+    s.add_argument("--data", default="richardson", help="richardson | synpro")
+    s.add_argument("--start-day", type=int, default=305, help="day of year of the first test day")
+    s.add_argument("--step", type=int, default=1800, help="planning step, s")
+    s.add_argument("--tariff", default="tou", help="tou | flat")
+    s.add_argument("--pv-site", default="greensboro")
+    s.add_argument("--pv-kwp", type=float, default=4.0)
+    s.add_argument("--battery-kwh", type=float, default=10.0)
+    s.add_argument("--battery-kw", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=0, help="processes (0 = up to 2)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_backtest)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dso"]:  # its own parser (run | publish | keygen), options included
+        _setup_logging("-v" in argv)
+        from community.dso import dso_main
+
+        return dso_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     rc: int = args.func(args)

