@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_dso)
 
+    # Parsed by their own modules (see main): listed here for --help only.
+    sub.add_parser("market", add_help=False,
+                   help="community market operator (double auction over MQTT); hems market -h")
+
     s = sub.add_parser("sim", help="serve the simulated inverter, battery and meter (Modbus TCP)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=0, help="first port (0 = free ports)")
@@ -217,6 +221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from community.dso import dso_main
 
         return dso_main(argv[1:])
+    if argv[:1] == ["market"]:  # imported only when used: it costs ~0.4 s
+        _setup_logging("-v" in argv)
+        from community.market.operator import add_arguments, main_from_args
+
+        mp = argparse.ArgumentParser(prog="hems market",
+                                     description="community market operator")
+        add_arguments(mp)
+        return int(main_from_args(mp.parse_args(argv[1:])))
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     rc: int = args.func(args)
