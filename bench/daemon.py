@@ -11,7 +11,9 @@ the daemon process only (``/proc/<pid>``):
   hour (``/proc/<pid>/io``), and fsync/fdatasync calls per hour (``strace -c``, when installed);
 * telemetry produced / published / received by a subscriber / lost.
 
-Usage: ``python bench/daemon.py [--hours 1] [--speed 60] [--no-strace]``.
+Usage: ``python bench/daemon.py [--hours 1] [--speed 60] [--no-strace] [--planner]``.
+``--planner`` enables the slow loop (forecast -> optimize every 15 domain minutes, cold start:
+no history) so the CPU and RSS figures include planning.
 The last stdout line is one JSON object.
 """
 
@@ -71,7 +73,17 @@ def _proc(pid: int) -> dict[str, float]:
     return out
 
 
-async def _bench(hours: float, speed: float, use_strace: bool) -> dict[str, Any]:
+PLANNER_TOML = """
+[planner]
+enabled = true
+lat = 36.0
+lon = 0.0
+pv_kwp = 4.0
+"""  # the bench PV profile is a clear-sky bell centred on 12:00 UTC
+
+
+async def _bench(hours: float, speed: float, use_strace: bool,
+                 planner: bool = False) -> dict[str, Any]:
     import aiomqtt
 
     from drivers.clock import SimClock
@@ -107,7 +119,7 @@ telemetry_interval_s = 60
 commit_interval_s = 60
 [mqtt]
 state_interval_s = 10
-""")
+""" + (PLANNER_TOML if planner else ""))
 
         async def subscriber() -> None:
             nonlocal dupes
@@ -180,6 +192,7 @@ state_interval_s = 10
     produced = int(stats.get("telemetry_produced", 0))
     out = {
         "sim_hours": round(hours, 3), "speed": speed, "broker": broker_kind, "exit_code": rc,
+        "planner": stats.get("planner") or None,
         "rss_mb_median": round(statistics.median(rss), 1), "rss_mb_max": round(max(rss), 1),
         "cpu_ms_per_cycle": round(cpu_per_cycle_ms, 3),
         "cpu_pct_of_core_at_1s_cycle": round(cpu_per_cycle_ms / 1000.0 * 100.0, 3),
@@ -207,8 +220,9 @@ def main() -> int:
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--speed", type=float, default=60.0)
     ap.add_argument("--no-strace", action="store_true")
+    ap.add_argument("--planner", action="store_true", help="enable the planner (slow loop)")
     args = ap.parse_args()
-    r = asyncio.run(_bench(args.hours, args.speed, not args.no_strace))
+    r = asyncio.run(_bench(args.hours, args.speed, not args.no_strace, args.planner))
     t = r["telemetry"]
     print(f"daemon over {r['sim_hours']} simulated h at x{r['speed']:g} (broker: {r['broker']}),"
           f" exit {r['exit_code']}")
@@ -222,6 +236,11 @@ def main() -> int:
           f"{r['fsyncs_per_hour']}, db {r['db_bytes']} bytes")
     print(f"  telemetry: produced {t['produced']}, published {t['published']}, received "
           f"{t['received']} (+{t['duplicates']} duplicates), lost {t['lost']}")
+    if r["planner"]:
+        pl = r["planner"]
+        print(f"  planner: {pl['plans']} plans ({pl['lp']} LP, {pl['fallbacks']} fallbacks, "
+              f"{pl['errors']} errors), solve ms max {pl['solve_ms_max']}, last round "
+              f"{pl['round_ms_last']} ms")
     print(json.dumps(r, separators=(",", ":")))
     return 0
 

@@ -103,6 +103,7 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
             await asyncio.wait_for(dash.ready.wait(), 10.0)
             clock = SimClock(start=start, speed=opts.speed)
             async with run_home(clock, HomeConfig(home_index=opts.home_index)) as sim:
+                dso = EnvelopeDemo(SITE, start, broker.url, clock)  # envelope section
                 config = parse_config({
                     "site_id": SITE,
                     "devices": [{"kind": e.kind, "name": f"sim-{e.kind}", "host": e.host,
@@ -113,9 +114,11 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
                               "commit_interval_s": 300.0},
                     "mqtt": {"state_interval_s": 60.0},
                     "control": {"cycle_s": opts.cycle_s, "startup_grace_s": 5.0},
+                    "envelope": dso.config_table(),
                 })
                 end = clock.now() + opts.sim_hours * 3600.0
-                stats = await run_gateway(config, clock, until=end)
+                async with dso.running(sim, end):
+                    stats = await run_gateway(config, clock, until=end)
                 truth = sim.physics.totals()
             # let the dashboard take the last QoS 1 messages off the broker (bounded wait)
             deadline = time.monotonic() + 5.0
@@ -161,6 +164,7 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
             if received else True,
         },
         "ha_discovery_configs": dash.discovery,
+        "envelope": dso.report(stats.envelope),
         "broker": broker_kind,
         "wall_s": round(wall, 2),
         "cycles_per_wall_s": round(cycles / max(wall, 1e-9), 1),
@@ -180,4 +184,166 @@ def format_report(r: dict[str, Any]) -> str:
         f"  telemetry: produced {tel['produced']}, stored {tel['stored']}, published "
         f"{tel['published']}, received by the dashboard {tel['received']}, lost {tel['lost']}",
         f"  Home Assistant discovery configs seen: {r['ha_discovery_configs']}",
+        *([f"  envelope: {v['controls']} controls; max export exceedance "
+           f"{v['max_export_exceedance_w']} W, import {v['max_import_exceedance_w']} W, "
+           f"{v['exceedance_s']} s above tolerance, p99 response {v['p99_response_s']} s"]
+          if (v := r.get("envelope")) else []),
     ])
+
+
+# ============================================================================================
+# Envelope section (issue 4): the DSO's stress day next to the gateway, and its compliance
+# measured on the simulator's physics (not on what the gateway believes).
+# ============================================================================================
+
+
+@dataclass
+class EnvelopeObserver:
+    """Samples the simulated home's physics every ``step_s`` domain seconds and measures, against
+    the limits the DSO asked for (``limits_at``), how far and how long the site went outside.
+
+    Exceedance = export above the export limit (import above the import limit) by more than
+    ``tolerance_w``. The response to an event (a limit change, or a load step larger than the
+    tolerance) is the time from the event to the first sample inside the limit (0 if it never
+    left)."""
+
+    physics: Any  # firmware_sim.home.HomePhysics
+    clock: Any  # drivers.clock.Clock
+    limits_at: Any  # Callable[[float], gateway.envelope.Limits]
+    tolerance_w: float
+    step_s: float = 1.0
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # t, site, exceed
+
+    async def run(self, until: float) -> None:
+        t = self.clock.now()
+        while t < until:
+            await self.clock.sleep_until(t)
+            s = self.physics.state()
+            lim = self.limits_at(s.t)
+            exp = max(0.0, -s.site_w - lim.export_w) if lim.export_w is not None else 0.0
+            imp = max(0.0, s.site_w - lim.import_w) if lim.import_w is not None else 0.0
+            self.samples.append((s.t, s.site_w, exp if exp >= imp else -imp))
+            self._loads.append(s.load_w)
+            t = max(t + self.step_s, self.clock.now())
+
+    def __post_init__(self) -> None:
+        self._loads: list[float] = []
+
+    def report(self, change_times: tuple[float, ...] = ()) -> dict[str, Any]:
+        """``max_export_exceedance_w``, ``max_import_exceedance_w``, ``exceedance_s``,
+        ``longest_exceedance_s``, ``episodes``, ``events``, ``p99_response_s``,
+        ``max_response_s``."""
+        import numpy as np
+
+        smp = self.samples
+        tol = self.tolerance_w
+        over = [abs(e) > tol for _, _, e in smp]
+        exceed_s = 0.0
+        episodes: list[tuple[float, float]] = []
+        start: float | None = None
+        for i, (t, _, _) in enumerate(smp):
+            if over[i]:
+                if i + 1 < len(smp):
+                    exceed_s += smp[i + 1][0] - t
+                if start is None:
+                    start = t
+            elif start is not None:
+                episodes.append((start, t))
+                start = None
+        if start is not None:
+            episodes.append((start, smp[-1][0]))
+        events = [t for t in change_times if smp and smp[0][0] <= t <= smp[-1][0]]
+        loads = self._loads
+        events += [smp[i][0] for i in range(1, len(smp)) if abs(loads[i] - loads[i - 1]) > tol]
+        responses = []
+        ts = [t for t, _, _ in smp]
+        for ev in sorted(set(events)):
+            i = int(np.searchsorted(ts, ev))
+            j = i
+            while j < len(smp) and over[j]:
+                j += 1
+            if i < len(smp) and j < len(smp):
+                responses.append(smp[j][0] - ev if j > i else 0.0)
+        return {
+            "max_export_exceedance_w": round(max([0.0, *(e for _, _, e in smp)]), 1),
+            "max_import_exceedance_w": round(max([0.0, *(-e for _, _, e in smp)]), 1),
+            "exceedance_s": round(exceed_s, 1),
+            "episodes": len(episodes),
+            "longest_exceedance_s": round(max((b - a for a, b in episodes), default=0.0), 1),
+            "events": len(responses),
+            "p99_response_s": round(float(np.percentile(responses, 99)), 1) if responses
+            else 0.0,
+            "max_response_s": round(max(responses, default=0.0), 1),
+        }
+
+
+class EnvelopeDemo:
+    """The DSO next to the demo's gateway: an ephemeral Ed25519 key, the stress day of the demo's
+    day (``community.scenarios.stress_day``) published by :class:`community.dso.DsoPublisher`,
+    and an :class:`EnvelopeObserver` on the home's physics. ``report()`` is the demo's
+    ``envelope`` section."""
+
+    def __init__(self, site: str, start: float, broker_url: str, clock: Any) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from community.scenarios import stress_day
+
+        self.key = Ed25519PrivateKey.generate()
+        self.day = stress_day(site, start - start % 86400.0)
+        self.broker_url = broker_url
+        self.clock = clock
+        self.observer: EnvelopeObserver | None = None
+        self.stats: dict[str, Any] = {}
+        self.acks: dict[str, int] = {}
+
+    def config_table(self) -> dict[str, Any]:
+        """The gateway's ``[envelope]`` table."""
+        from gateway.signing import public_key_to_b64
+
+        return {"dso_public_key": public_key_to_b64(self.key.public_key())}
+
+    @contextlib.asynccontextmanager
+    async def running(self, sim: Any, until: float) -> Any:
+        """Run the publisher and the observer around the gateway's run."""
+        from community.dso import DsoPublisher
+
+        stop = asyncio.Event()
+        pub = DsoPublisher(self.broker_url, self.key, self.clock, [self.day.schedule()],
+                           identifier="hems-demo-dso")
+        pub_task = asyncio.create_task(pub.run(stop))
+        await asyncio.wait_for(pub.connected.wait(), 10.0)
+        # 4 % of the inverter rating or 100 W, whichever is lower (as the gateway's default)
+        tol = min(100.0, 0.04 * sim.config.inverter_rated_w)
+        self.observer = EnvelopeObserver(sim.physics, self.clock, self.day.limits_at, tol)
+        obs_task = asyncio.create_task(self.observer.run(until))
+        try:
+            yield self
+        finally:
+            obs_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await obs_task
+            await asyncio.sleep(0.2)  # the last acks
+            stop.set()
+            await pub_task
+            self.acks = dict(pub.acks.counts)
+
+    def report(self, gateway_stats: dict[str, Any]) -> dict[str, Any]:
+        """``controls`` published, exceedances measured on the physics (W, simulated s), the
+        p99 response (simulated s), and the gateway's own counters."""
+        assert self.observer is not None
+        r = self.observer.report(self.day.change_times())
+        return {
+            "controls": len(self.day.controls) + 1,  # + the default
+            "max_export_exceedance_w": r["max_export_exceedance_w"],
+            "exceedance_s": r["exceedance_s"],
+            "max_import_exceedance_w": r["max_import_exceedance_w"],
+            "p99_response_s": r["p99_response_s"],
+            "max_response_s": r["max_response_s"],
+            "longest_exceedance_s": r["longest_exceedance_s"],
+            "events": r["events"],
+            "tolerance_w": self.observer.tolerance_w,
+            "acks": self.acks,
+            "gateway": {k: gateway_stats.get(k) for k in (
+                "accepted", "rejected", "exceedance_events", "exceedance_s",
+                "max_episode_cycles", "noncompliant_cycles")},
+        }

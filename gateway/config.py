@@ -126,6 +126,45 @@ class TariffConfig:
 
 
 @dataclass(frozen=True)
+class PlannerConfig:
+    """The slow loop (forecast -> optimize), see :mod:`gateway.planner`. Off by default."""
+
+    enabled: bool = False
+    step_s: int = 900  # planning interval = LP step; re-planned at every step boundary
+    horizon_s: int = 86400
+    budget_ms: float = 1000.0  # solve time limit; over it the self-consumption rule is used
+    timezone: str = "UTC"  # IANA name: local days for the load forecast and the tariff hours
+    lat: float = 0.0
+    lon: float = 0.0
+    pv_kwp: float = 0.0  # 0 = no PV forecast (the PV history alone is not enough)
+    pv_tilt_deg: float = 30.0
+    pv_azimuth_deg: float = 180.0
+    pv_ac_limit_w: float | None = None
+    battery_capacity_wh: float | None = None  # when the battery does not report it
+    battery_efficiency: float = 0.95  # one-way, charge and discharge alike
+    degradation_per_kwh: float = 0.0
+    terminal_value_per_kwh: float | None = None  # None: the cheapest import price in the horizon
+
+
+@dataclass(frozen=True)
+class EnvelopeSection:
+    """The DSO operating envelope (``[envelope]``; absent = no envelope enforcement).
+    See :mod:`gateway.envelope_agent`."""
+
+    dso_public_key: str  # base64 of the 32 raw Ed25519 bytes (from the key or the key file)
+    fallback_export_w: float | None = 1500.0  # safe limit with no DSO default (connection agr.)
+    fallback_import_w: float | None = None
+    contact_timeout_s: float | None = 1800.0  # then limits tighten to the fallback; None = never
+    ramp_pct_per_min: float = 16.0  # AS/NZS 4777.2: loosening ramp, % of DER rating per minute
+    min_limit_pct: float = 2.0  # WMaxLimPct floor (never 0 %: some inverters go to standby)
+    tolerance_w: float = 100.0  # measurement tolerance: the lower of this and
+    tolerance_pct: float = 4.0  # this % of the inverter rating
+    flood_burst: int = 30  # envelope messages accepted at once ...
+    flood_per_min: float = 60.0  # ... and per minute after that (real time)
+    status_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -136,6 +175,8 @@ class Config:
     store: StoreConfig = StoreConfig()
     mqtt: MqttConfig = MqttConfig()
     tariff: TariffConfig = TariffConfig(DEFAULT_TOU)
+    planner: PlannerConfig = PlannerConfig()
+    envelope: EnvelopeSection | None = None
     source: str = ""
 
     def device(self, kind: str) -> DeviceConfig | None:
@@ -235,7 +276,8 @@ def _range(lo: float, hi: float) -> Callable[[float], str | None]:
 
 def _parse(data: Mapping[str, Any], source: str, errors: list[ConfigError]) -> Config | None:
     r = _Reader(errors)
-    r.unknown(data, {"site_id", "devices", "broker", "control", "store", "mqtt", "tariff"}, "")
+    r.unknown(data, {"site_id", "devices", "broker", "control", "store", "mqtt", "tariff",
+                     "planner", "envelope"}, "")
     site_id = r.get(data, "site_id", "", str, "", required=True,
                     check=lambda s: None if _SITE_RE.match(s) else
                     "must be 1-48 characters of a-z, 0-9, '-' or '_', starting with a letter or "
@@ -247,10 +289,12 @@ def _parse(data: Mapping[str, Any], source: str, errors: list[ConfigError]) -> C
     store = _parse_store(r.table(data, "store", ""), r, Path(source).parent if source else None)
     mqtt = _parse_mqtt(r.table(data, "mqtt", ""), r)
     tariff = _parse_tariff(r.table(data, "tariff", ""), r)
+    planner = _parse_planner(r.table(data, "planner", ""), r)
+    envelope = _parse_envelope(data, r, Path(source).parent if source else Path("."))
     if errors or broker is None:
         return None
     return Config(site_id=site_id, devices=devices, broker=broker, control=control, store=store,
-                  mqtt=mqtt, tariff=tariff, source=source)
+                  mqtt=mqtt, tariff=tariff, planner=planner, envelope=envelope, source=source)
 
 
 def _parse_devices(data: Mapping[str, Any], r: _Reader) -> tuple[DeviceConfig, ...]:
@@ -485,6 +529,114 @@ def _parse_tariff(t: Mapping[str, Any], r: _Reader) -> TariffConfig:
         return TariffConfig(flat("config", imp, feed))
     table = hourly(periods, imp)
     return TariffConfig(Tariff("config", table, table, hourly([], feed)))
+
+
+def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
+    p = "planner"
+    r.unknown(t, {"enabled", "step_s", "horizon_s", "budget_ms", "timezone", "lat", "lon",
+                  "pv_kwp", "pv_tilt_deg", "pv_azimuth_deg", "pv_ac_limit_w",
+                  "battery_capacity_wh", "battery_efficiency", "degradation_per_kwh",
+                  "terminal_value_per_kwh"}, p)
+    step = r.get(t, "step_s", p, int, 900, check=lambda s: None if s >= 300 and 86400 % s == 0
+                 else f"must be >= 300 and divide a day (86400 s), got {s}")
+    horizon = r.get(t, "horizon_s", p, int, 86400,
+                    check=lambda h: None if 3600 <= h <= 2 * 86400 else
+                    f"must be between 3600 and 172800 s, got {h}")
+    if horizon % step:
+        r.fail(f"{p}.horizon_s", f"must be a multiple of step_s ({step}), got {horizon}")
+
+    def tz_ok(name: str) -> str | None:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(name)
+        except (ValueError, OSError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            return f"unknown time zone {name!r} (an IANA name such as 'Europe/Berlin')"
+        return None
+
+    ac = r.get(t, "pv_ac_limit_w", p, float, 0.0, check=_range(0.0, 1e6))
+    cap = r.get(t, "battery_capacity_wh", p, float, 0.0, check=_range(0.0, 1e7))
+    tv = r.get(t, "terminal_value_per_kwh", p, float, math.nan, check=_range(-10.0, 10.0)) \
+        if "terminal_value_per_kwh" in t else None
+    if t.get("pv_kwp") and not ("lat" in t and "lon" in t):
+        r.fail(f"{p}.lat" if "lat" not in t else f"{p}.lon",
+               "is required with pv_kwp > 0 (the PV forecast needs the site's position)")
+    return PlannerConfig(
+        enabled=r.get(t, "enabled", p, bool, False),
+        step_s=step,
+        horizon_s=horizon,
+        budget_ms=r.get(t, "budget_ms", p, float, 1000.0, check=_range(0.0, 600_000.0)),
+        timezone=r.get(t, "timezone", p, str, "UTC", check=tz_ok),
+        lat=r.get(t, "lat", p, float, 0.0, check=_range(-90.0, 90.0)),
+        lon=r.get(t, "lon", p, float, 0.0, check=_range(-180.0, 180.0)),
+        pv_kwp=r.get(t, "pv_kwp", p, float, 0.0, check=_range(0.0, 1000.0)),
+        pv_tilt_deg=r.get(t, "pv_tilt_deg", p, float, 30.0, check=_range(0.0, 90.0)),
+        pv_azimuth_deg=r.get(t, "pv_azimuth_deg", p, float, 180.0, check=_range(0.0, 360.0)),
+        pv_ac_limit_w=ac or None,
+        battery_capacity_wh=cap or None,
+        battery_efficiency=r.get(t, "battery_efficiency", p, float, 0.95,
+                                 check=lambda e: None if 0.5 <= e <= 1.0 else
+                                 f"must be between 0.5 and 1, got {e:g}"),
+        degradation_per_kwh=r.get(t, "degradation_per_kwh", p, float, 0.0,
+                                  check=_range(0.0, 10.0)),
+        terminal_value_per_kwh=tv,
+    )
+
+
+def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> EnvelopeSection | None:
+    if "envelope" not in data:
+        return None
+    from gateway import signing  # cryptography: only when an envelope is configured
+
+    t = r.table(data, "envelope", "")
+    p = "envelope"
+    r.unknown(t, {"dso_public_key", "dso_public_key_file", "fallback_export_w",
+                  "fallback_import_w", "contact_timeout_s", "ramp_pct_per_min", "min_limit_pct",
+                  "tolerance_w", "tolerance_pct", "flood_burst", "flood_per_min",
+                  "status_interval_s"}, p)
+    key_b64 = r.get(t, "dso_public_key", p, str, "") or None
+    key_file = r.get(t, "dso_public_key_file", p, str, "") or None
+    if (key_b64 is None) == (key_file is None):
+        r.fail(f"{p}.dso_public_key", "give exactly one of dso_public_key (base64 of the 32 raw "
+                                      "Ed25519 bytes) or dso_public_key_file (PEM)")
+        return None
+    key = ""
+    try:
+        if key_b64 is not None:
+            key = signing.public_key_to_b64(signing.public_key_from_b64(key_b64))
+        else:
+            assert key_file is not None
+            kp = Path(os.path.expandvars(key_file))
+            kp = kp if kp.is_absolute() else base / kp
+            key = signing.public_key_to_b64(signing.load_public_key(kp))
+    except (ValueError, OSError) as e:
+        r.fail(f"{p}.dso_public_key" if key_b64 else f"{p}.dso_public_key_file", str(e))
+        return None
+    watts = _range(0.0, 1e6)
+
+    def opt_w(name: str, default: float | None) -> float | None:
+        # A negative value means "no such limit" is not offered: omit the key instead.
+        if name not in t:
+            return default
+        return r.get(t, name, p, float, 0.0, check=watts)
+
+    timeout = r.get(t, "contact_timeout_s", p, float, 1800.0, check=_range(0.0, 30 * 86400.0))
+    return EnvelopeSection(
+        dso_public_key=key,
+        fallback_export_w=opt_w("fallback_export_w", 1500.0),
+        fallback_import_w=opt_w("fallback_import_w", None),
+        contact_timeout_s=timeout or None,
+        ramp_pct_per_min=r.get(t, "ramp_pct_per_min", p, float, 16.0, check=_range(0.1, 100.0)),
+        min_limit_pct=r.get(t, "min_limit_pct", p, float, 2.0, check=_range(0.1, 50.0)),
+        tolerance_w=r.get(t, "tolerance_w", p, float, 100.0, check=_range(0.0, 10_000.0)),
+        tolerance_pct=r.get(t, "tolerance_pct", p, float, 4.0, check=_range(0.0, 100.0)),
+        flood_burst=r.get(t, "flood_burst", p, int, 30,
+                          check=lambda n: None if 2 <= n <= 10_000 else
+                          f"must be 2..10000, got {n}"),
+        flood_per_min=r.get(t, "flood_per_min", p, float, 60.0, check=_range(1.0, 60_000.0)),
+        status_interval_s=r.get(t, "status_interval_s", p, float, 60.0,
+                                check=_range(1.0, 3600.0)),
+    )
 
 
 def _read(path: str | Path) -> tuple[Mapping[str, Any] | None, ConfigError | None]:

@@ -16,7 +16,8 @@ Tasks (all in one asyncio process, see :mod:`gateway.supervisor`):
 * ``systemd``: READY=1 when devices and broker are up (or after ``startup_grace_s``, degraded),
   WATCHDOG=1 while the fast loop's heart beats.
 * ``slow-loop``: the ``slow_loop`` argument of :func:`run_gateway`, for forecast -> optimize ->
-  bids (a later issue); absent by default.
+  bids; :func:`gateway.planner.planner_loop` when ``[planner] enabled`` (the fast loop then
+  follows the plan in auto mode through :meth:`Gateway.plan_setpoint`); absent by default.
 
 Stopping (SIGTERM or ``stop``): the fast loop finishes its cycle and leaves the devices safe;
 the store writer commits what is buffered; the MQTT session drains (bounded), publishes
@@ -43,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.clock import Clock, WallClock
 from drivers.natures import (
@@ -58,11 +59,16 @@ from drivers.natures import (
 from gateway import messages
 from gateway.commands import ModeState, Setpoints, SiteState, handle_command, rule_setpoints
 from gateway.config import Config, ConfigError, DeviceConfig, load_config
+from gateway.envelope_agent import EnvelopeAgent, agent_settings
 from gateway.messages import Topics
 from gateway.mqtt import MqttSession
 from gateway.sdnotify import Notifier
 from gateway.store import Aggregator, Batch, Event, OutboxRow, Store, StoreError
 from gateway.supervisor import Supervisor, TaskSpec, Unrecoverable
+
+if TYPE_CHECKING:
+    from gateway.optimize.inputs import StepLimits
+    from gateway.planner import Planner
 
 log = logging.getLogger("gateway.daemon")  # also when run as __main__
 T = TypeVar("T")
@@ -102,6 +108,10 @@ class GatewayStats:
     broker_connects: int = 0
     broker_failures: int = 0
     energy_wh: dict[str, float] = field(default_factory=dict)
+    planner: dict[str, Any] = field(default_factory=dict)  # PlannerStats when it ran
+    inverter_writes: int = 0  # Modbus limit writes (a cost: only when changed or due)
+    battery_writes: int = 0
+    envelope: dict[str, Any] = field(default_factory=dict)  # AgentStats with [envelope]
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -167,6 +177,46 @@ class Gateway:
         self._store_error: str | None = None
         self._start_ts = clock.now()
         self.mqtt: MqttSession | None = None
+        self.planner: Planner | None = None  # set by gateway.planner.planner_loop
+        self.envelope: EnvelopeAgent | None = None
+        if config.envelope is not None:
+            # The DSO's limit is the outer bound of whatever the policy or the plan wants.
+            self.envelope = EnvelopeAgent(
+                config.site_id, agent_settings(config.envelope), root=config.mqtt.topic_root,
+                cycle_s=config.control.cycle_s,
+                telemetry_interval_s=config.store.telemetry_interval_s,
+                on_event=self.event, on_persist=self._persist_envelope)
+
+    # ------------------------------------------------------------------ plan following
+
+    def plan_setpoint(self, now: float, measured: SiteState) -> float | None:
+        """The plan's desired battery power now (W, + charge), followed on measured values.
+
+        ``None`` when the fast loop must not follow a plan: planner off or no plan yet, plan
+        older than two intervals, mode other than ``auto``, or no meter/battery reading this
+        cycle. Device limits, the reserve and the DSO envelope are NOT applied here.
+        """
+        if self.planner is None or self.mode.current(now).mode != "auto":
+            return None
+        return self.planner.desired_battery_w(now, measured)
+
+    def limits_for_horizon(self, start: float, n: int, step_s: float) -> StepLimits | None:
+        """The DSO envelope for ``n`` planning steps from ``start`` (None: unlimited).
+
+        Hook for the envelope: the planner calls it each round; an exception skips the round.
+        """
+        if self.envelope is None:
+            return None
+        import numpy as np
+
+        from gateway.optimize.inputs import StepLimits
+
+        cols = self.envelope.horizon_limits(start, n, step_s)
+        return StepLimits(*(np.array(c, dtype=float) for c in cols))
+
+    def _persist_envelope(self, snapshot: str) -> None:
+        self.pending.kv["envelope"] = snapshot
+        self.commit_now.set()
 
     # ------------------------------------------------------------------ store plumbing
 
@@ -180,6 +230,9 @@ class Gateway:
         self._committed_seq = await self._in_db(st.last_seq)
         self._next_seq = self._committed_seq + 1
         self._published_seq = self._persisted_published = await self._in_db(st.published_seq)
+        if self.envelope is not None:
+            # Before the fast loop's first write: a restart resumes the limits it held.
+            self.envelope.restore(await self._in_db(st.kv_get, "envelope"), self.clock.now())
         saved = await self._in_db(st.kv_json, "mode")
         if isinstance(saved, dict):
             self.mode = ModeState.from_json(saved, self.mode)
@@ -301,7 +354,14 @@ class Gateway:
         mode = self.mode.current(t)
         if mode != self.mode:
             self._set_mode(mode, f"{self.mode.mode} ended; back to {mode.mode}")
-        sp = self.policy(state, mode)
+        planned = self.plan_setpoint(t, state)
+        if planned is not None and self.planner is not None:
+            sp = self.planner.setpoints(state, mode, planned)
+        else:
+            sp = self.policy(state, mode)
+        if self.envelope is not None:
+            connected = self.mqtt is not None and self.mqtt.connected.is_set()
+            sp = self.envelope.step(state, sp, connected)
         await self._apply(sp, state, t)
         self.setpoint = sp
         self.live = state
@@ -312,10 +372,14 @@ class Gateway:
                            state.battery.w if state.battery else None,
                            state.battery.soc_pct if state.battery else None, errors, mode.mode)
         if rec is not None:
+            if self.envelope is not None:
+                rec.update(self.envelope.window_record(rec["start"]))
             self._emit(rec)
 
     async def _apply(self, sp: Setpoints, state: SiteState, t: float) -> None:
         revert = self.cfg.control.revert_s
+        # Re-send no later than half the revert time (the check runs once per cycle).
+        resend = max(revert / 2 - self.cfg.control.cycle_s, self.cfg.control.cycle_s)
         slot = self.slots.get("battery")
         if slot is not None and slot.dev is not None and state.battery is not None:
             bat: Battery = slot.dev
@@ -328,18 +392,24 @@ class Gateway:
                 deadband = max(20.0, 0.005 * max(b.max_charge_w, b.max_discharge_w))
                 last = self._sent_bat
                 due = (last is None or abs(sp.battery_w - last[0]) > deadband
-                       or t - last[1] >= revert / 2)
+                       or t - last[1] >= resend)
                 if due and await self._write(bat.set_power(sp.battery_w, revert), "battery power"):
                     self._sent_bat = (sp.battery_w, t)
+                    self.stats.battery_writes += 1
         islot = self.slots.get("inverter")
         if (islot is not None and islot.dev is not None and state.inverter is not None
                 and sp.inverter_limit_pct is not None):
             inv: Inverter = islot.dev
             pct = sp.inverter_limit_pct
             last = self._sent_inv
-            due = last is None or abs(pct - last[0]) > 0.5 or t - last[1] >= revert / 2
+            due = last is None or abs(pct - last[0]) > 0.5 or t - last[1] >= resend
+            if pct >= 100.0 and (last is None or last[0] >= 100.0):
+                # Nothing to hold: 100 % is what the inverter does without us, and what its
+                # revert timer returns it to. (Reaching 100 % from below is written once.)
+                due = False
             if due and await self._write(inv.set_limit_pct(pct, revert), "inverter limit"):
                 self._sent_inv = (pct, t)
+                self.stats.inverter_writes += 1
 
     async def _write(self, aw: Awaitable[None], what: str) -> bool:
         try:
@@ -383,6 +453,8 @@ class Gateway:
             self._sent_bat = None
         rec = self.agg.close()
         if rec is not None:
+            if self.envelope is not None:
+                rec.update(self.envelope.window_record(rec["start"]))
             self._emit(rec)
         self.event("info", "stop", "gateway stopping")
         self.loop_done.set()
@@ -590,6 +662,10 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
     a task fails for good; otherwise returns the run's :class:`GatewayStats`.
     """
     stop = stop if stop is not None else asyncio.Event()
+    if slow_loop is None and config.planner.enabled:
+        from gateway.planner import planner_loop  # imports cvxpy: only when planning
+
+        slow_loop = planner_loop
     gw = Gateway(config, clock, devices=devices, notifier=notifier, policy=policy)
     try:
         await gw.open()
@@ -597,7 +673,7 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
         gw.close()
         raise
     mqtt = MqttSession(config.broker, config.mqtt, gw.topics, gw, gw.on_command,
-                       gw.state_payload, gw.state_period)
+                       gw.state_payload, gw.state_period, envelope=gw.envelope, now=clock.now)
     gw.mqtt = mqtt
     hard_stop = asyncio.Event()
 
@@ -650,6 +726,10 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
                 await gw.commit()
         gw.stats.sim_hours = (clock.now() - gw._start_ts) / 3600.0
         gw.stats.energy_wh = dict(gw.agg.totals_wh)
+        if gw.planner is not None:
+            gw.stats.planner = gw.planner.stats.as_dict()
+        if gw.envelope is not None:
+            gw.stats.envelope = gw.envelope.stats.as_dict()
         gw.stats.broker_connects = mqtt.stats.connects
         gw.stats.broker_failures = mqtt.stats.connect_failures
         gw.stats.backlog = max(0, gw._committed_seq - gw._published_seq)

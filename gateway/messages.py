@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-SCHEMA_NAMES = ("telemetry", "state", "availability", "cmd_mode", "cmd_reserve", "cmd_result")
+SCHEMA_NAMES = ("telemetry", "state", "availability", "cmd_mode", "cmd_reserve", "cmd_result",
+                "envelope_status")
 ONLINE = "online"
 OFFLINE = "offline"
 

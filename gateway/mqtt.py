@@ -53,6 +53,27 @@ class Outbox(Protocol):
         ...
 
 
+class EnvelopeLink(Protocol):
+    """The DSO-envelope side of the session (:class:`gateway.envelope_agent.EnvelopeAgent`)."""
+
+    wake: asyncio.Event  # set when outgoing() has something
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]: ...
+
+    def wants(self, topic: str) -> bool: ...
+
+    def on_message(self, topic: str, payload: bytes, now: float) -> None: ...
+
+    def outgoing(self) -> list[tuple[str, bytes, bool]]: ...
+
+    def requeue(self, items: list[tuple[str, bytes, bool]]) -> None: ...
+
+    def on_connect(self) -> None: ...
+
+    def resubscribe_due(self) -> bool: ...
+
+
 @dataclass
 class MqttStats:
     """Counters of the session (this process)."""
@@ -80,7 +101,8 @@ class MqttSession:
     def __init__(self, broker: BrokerConfig, mqtt: MqttConfig, topics: Topics, outbox: Outbox,
                  on_command: CommandHandler, state_payload: Callable[[], bytes | None],
                  state_period: Callable[[], Awaitable[None]], *, window: int = 100,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, envelope: EnvelopeLink | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         self.broker = broker
         self.cfg = mqtt
         self.topics = topics
@@ -90,6 +112,8 @@ class MqttSession:
         self.state_period = state_period  # awaits until the next state publication is due
         self.window = window
         self.client_id = client_id or broker.client_id or f"hems-gw-{topics.site}"
+        self.envelope = envelope
+        self.now = now  # domain time (the gateway's clock) for envelope messages
         self.stats = MqttStats()
         self.connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -165,6 +189,11 @@ class MqttSession:
                 for topic, payload in discovery_messages(self.topics, self.cfg.discovery_prefix):
                     await client.publish(topic, payload, qos=1, retain=True)
             await client.subscribe(self.topics.cmd_filter, qos=1)
+            env = self.envelope
+            if env is not None:
+                for t in env.subscriptions:  # retained: the DSO's current documents arrive now
+                    await client.subscribe(t, qos=1)
+                env.on_connect()
             self.stats.connects += 1
             self.connected.set()
             log.info("mqtt: connected to %s as %s", self.broker.url, self.client_id)
@@ -172,6 +201,8 @@ class MqttSession:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._commands(client))
                     tg.create_task(self._states(client))
+                    if env is not None:
+                        tg.create_task(self._envelope_out(client, env))
                     drain = tg.create_task(self._drain(client))
                     await drain  # returns only when closing
                     await self._publish_state(client)
@@ -215,8 +246,32 @@ class MqttSession:
             await client.publish(self.topics.state, payload, qos=0, retain=True)
             self.stats.state_published += 1
 
+    async def _envelope_out(self, client: aiomqtt.Client, env: EnvelopeLink) -> None:
+        """Publish the envelope's acks and status (QoS 1); re-subscribe after a flood."""
+        while True:
+            env.wake.clear()
+            items = env.outgoing()
+            for i, (topic, payload, retain) in enumerate(items):
+                try:
+                    await client.publish(topic, payload, qos=1, retain=retain)
+                except BaseException:
+                    env.requeue(items[i:])
+                    raise
+            if env.resubscribe_due():
+                for t in env.subscriptions:  # the broker re-sends the retained documents
+                    await client.subscribe(t, qos=1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(env.wake.wait(), timeout=1.0)
+
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
+            env = self.envelope
+            if env is not None and env.wants(str(msg.topic)):
+                raw = msg.payload
+                env.on_message(str(msg.topic), raw if isinstance(raw, bytes) else
+                               bytes(raw) if isinstance(raw, bytearray) else
+                               str(raw if raw is not None else "").encode(), self.now())
+                continue
             name = self.topics.command_name(str(msg.topic))
             if name is None:
                 continue

@@ -125,7 +125,18 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db["kv"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_m1_initial,)
+#: Compliance with the DSO envelope per telemetry window (gateway.envelope_agent): the tightest
+#: export/import limits asked for, the largest measured exceedance (W), seconds above tolerance.
+ENVELOPE_COLUMNS: dict[str, type] = {"limit_export_w": float, "limit_import_w": float,
+                                     "exceed_w_max": float, "exceed_s": float}
+
+
+def _m2_envelope(db: sqlite_utils.Database) -> None:
+    for name in ENVELOPE_COLUMNS:
+        db.execute(f"ALTER TABLE telemetry ADD COLUMN {name} REAL")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_m1_initial, _m2_envelope)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -329,6 +340,21 @@ class Store:
         """Telemetry rows with ``ts >= since``, oldest first (for the forecaster and tests)."""
         return list(self.db.query("SELECT * FROM telemetry WHERE ts >= ? ORDER BY seq",
                                   [since]))
+
+    def power_history(self, since: float, after_seq: int = 0
+                      ) -> tuple[int, list[tuple[float, float | None, float | None]]]:
+        """Mean load and PV power per telemetry window, for the forecasters.
+
+        Returns ``(max_seq, rows)`` with rows ``(mid_time, load_w, pv_w)`` (``None`` where a
+        device was not read) of windows ending at or after ``since`` with ``seq > after_seq``,
+        oldest first; ``max_seq`` is ``after_seq`` when there is nothing new, so a caller can
+        read only what was added since its last call.
+        """
+        rows = self.db.execute(
+            "SELECT seq, start + interval_s / 2, load_w, pv_w FROM telemetry "
+            "WHERE seq > ? AND ts >= ? ORDER BY seq", [after_seq, since]).fetchall()
+        top = int(rows[-1][0]) if rows else after_seq
+        return top, [(float(t), ld, pv) for _, t, ld, pv in rows]
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is None:

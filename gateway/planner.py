@@ -1,0 +1,481 @@
+"""The slow loop: forecast -> optimize every planning interval, and the plan the fast loop follows.
+
+:func:`planner_loop` is the daemon's ``slow_loop`` (``[planner] enabled = true``). At every
+``step_s`` boundary of domain time (and once at start) it
+
+1. reads the telemetry history added since the last round from the store (on the store's thread:
+   only new rows, the last ``HISTORY_DAYS`` kept in memory, ~2 MB at 1-minute rows);
+2. takes the battery from the latest reading (capacity, SoC, rates; reserve = the larger of the
+   commanded reserve and the device's own), prices from the tariff, and the envelope per step
+   from :meth:`gateway.daemon.Gateway.limits_for_horizon` (unlimited until the envelope is wired);
+3. on the ONE planning thread of the process (cvxpy's compiled problems are shared and not
+   thread-safe): load forecast (cold start: the standard profile), PV forecast (clear-sky model
+   plus the PV history), :func:`gateway.optimize.plan_or_fallback` within ``budget_ms``;
+4. installs the result as :class:`ActivePlan`, stores it (kv ``plan``: a restart follows it at
+   once while it is fresh) and counts it (:class:`PlannerStats`).
+
+The fast loop never waits for any of this. Each cycle it asks
+:meth:`Planner.desired_battery_w` (via ``Gateway.plan_setpoint``) for the plan's battery power
+followed on the measured load and PV (:func:`gateway.optimize.follow.follow_plan`). A missing plan,
+a plan older than two intervals (``STALE_STEPS``), a mode other than ``auto`` or a cycle without
+meter/battery readings give ``None``: the fast loop then uses the rule (self-consumption).
+
+Importing this module imports cvxpy (~1 s, ~60 MB); the daemon imports it only when the planner
+is enabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, tzinfo
+from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from gateway.commands import ModeState, Setpoints, SiteState
+from gateway.config import Config, PlannerConfig
+from gateway.forecast.load import LoadConfig, forecast_load
+from gateway.forecast.pv import forecast_pv
+from gateway.forecast.solar import PvArray
+from gateway.optimize import Battery, Plan, PlanInputs, StepLimits, plan_or_fallback
+from gateway.optimize.fallback import Solver
+from gateway.optimize.follow import follow_plan
+from gateway.optimize.inputs import FloatArray
+from gateway.optimize.problem import compiled, solve_plan
+from gateway.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from gateway.daemon import Gateway
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STALE_STEPS = 2  # a plan is followed for at most this many intervals after its first step starts
+HISTORY_DAYS = LoadConfig().window_days + 2  # what forecast_load reads (it ignores older data)
+KV_KEY = "plan"
+MAX_READING_AGE_STEPS = 1.0  # battery reading older than this many intervals: do not plan on it
+
+
+# ---------------------------------------------------------------------------- the planning thread
+
+_executor: ThreadPoolExecutor | None = None
+_busy_lock = threading.Lock()
+_running = 0
+_peak = 0
+
+
+def _plan_thread() -> ThreadPoolExecutor:
+    # One worker for the whole process: several gateways in one process (demo, tests) must not
+    # solve at once either, since the compiled cvxpy problems are shared module state.
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hems-plan")
+    return _executor
+
+
+def _counted(fn: Callable[..., T], *args: Any) -> T:
+    global _running, _peak
+    with _busy_lock:
+        _running += 1
+        _peak = max(_peak, _running)
+    try:
+        return fn(*args)
+    finally:
+        with _busy_lock:
+            _running -= 1
+
+
+def planning_threads_peak() -> int:
+    """The most planning jobs that ever ran at the same time in this process (should be 1)."""
+    return _peak
+
+
+async def in_plan_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on the process's single planning thread."""
+    return await asyncio.get_running_loop().run_in_executor(_plan_thread(), _counted, fn, *args)
+
+
+# ---------------------------------------------------------------------------- the plan in use
+
+
+@dataclass(frozen=True)
+class ActivePlan:
+    """A plan on absolute time: step ``k`` covers ``[start + k*step_s, start + (k+1)*step_s)``."""
+
+    start: float
+    step_s: float
+    battery_w: FloatArray  # + charge / - discharge, per step
+    site_w: FloatArray  # + import / - export, per step
+    soc_wh: FloatArray  # steps + 1 values
+    source: str  # "lp" | "fallback"
+    reason: str
+    made_at: float
+
+    @classmethod
+    def from_plan(cls, plan: Plan, start: float, made_at: float) -> ActivePlan:
+        return cls(start, plan.step_s, plan.battery_w.copy(), plan.site_w.copy(),
+                   plan.soc_wh.copy(), plan.source, plan.reason, made_at)
+
+    def step_at(self, now: float) -> int | None:
+        """Index of the step containing ``now``; None before the plan or once it is stale."""
+        k = math.floor((now - self.start) / self.step_s)
+        if k < 0 or k >= min(STALE_STEPS, self.battery_w.size):
+            return None
+        return k
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": 1, "start": self.start, "step_s": self.step_s, "source": self.source,
+                "reason": self.reason[:300], "made_at": round(self.made_at, 3),
+                "battery_w": [round(float(x), 1) for x in self.battery_w],
+                "site_w": [round(float(x), 1) for x in self.site_w],
+                "soc_wh": [round(float(x), 1) for x in self.soc_wh]}
+
+    @classmethod
+    def from_json(cls, d: Any) -> ActivePlan | None:
+        """The stored plan, or None if it is not one (a bad kv value is ignored, not fatal)."""
+        try:
+            b = np.asarray(d["battery_w"], dtype=np.float64)
+            s = np.asarray(d["site_w"], dtype=np.float64)
+            soc = np.asarray(d["soc_wh"], dtype=np.float64)
+            p = cls(float(d["start"]), float(d["step_s"]), b, s, soc, str(d["source"]),
+                    str(d.get("reason", "")), float(d["made_at"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        ok = (b.ndim == 1 and b.shape == s.shape and b.size > 0 and p.step_s > 0
+              and np.all(np.isfinite(b)) and np.all(np.isfinite(s)) and math.isfinite(p.start))
+        return p if ok else None
+
+
+@dataclass
+class PlannerStats:
+    """What the slow loop did. ``lp`` + ``fallbacks`` = ``plans``; ``errors`` made no plan."""
+
+    plans: int = 0
+    lp: int = 0
+    fallbacks: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    busy_skips: int = 0  # rounds skipped because a timed-out job still held the thread
+    late: int = 0  # rounds that started more than one interval late (a boundary was missed)
+    solve_ms_last: float = 0.0
+    solve_ms_max: float = 0.0
+    solve_ms_sum: float = 0.0  # LP solves only
+    round_ms_last: float = 0.0  # history read + forecasts + solve, real time
+    history_rows: int = 0
+    load_source: str = ""
+    last_reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("solve_ms_last", "solve_ms_max", "solve_ms_sum", "round_ms_last"):
+            d[k] = round(d[k], 2)
+        return d
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    """Everything the planning thread needs; built on the event loop from a snapshot."""
+
+    now: float
+    start: float
+    step_s: int
+    horizon_s: int
+    hist_t: FloatArray
+    hist_load: FloatArray
+    hist_pv: FloatArray
+    import_price: FloatArray
+    export_price: FloatArray
+    battery: Battery
+    limits: StepLimits
+    tz: tzinfo | None
+    array: PvArray | None
+    budget_ms: float
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What one planning job produced."""
+
+    plan: Plan
+    inputs: PlanInputs
+    load_source: str
+    history_days: int
+    pv_source: str
+    forecast_ms: float
+
+
+def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
+    """Forecast and optimize (CPU-bound, blocking: run on the planning thread).
+
+    Raises ``ValueError`` for inputs that describe no household (see :func:`validate`).
+    """
+    t0 = time.perf_counter()
+    lf = forecast_load(job.hist_t, job.hist_load, job.now, step_s=job.step_s,
+                       horizon_s=job.horizon_s, tz=job.tz)
+    if lf.start != job.start:
+        raise ValueError(f"the time zone's UTC offset at {job.start:.0f} is not a multiple of "
+                         f"planner.step_s ({job.step_s} s): local and UTC steps do not align")
+    n = job.horizon_s // job.step_s
+    pv_source = "none"
+    pv: FloatArray = np.zeros(n)
+    if job.array is not None:
+        pf = forecast_pv(job.hist_t, job.hist_pv, job.now, job.array, step_s=job.step_s,
+                         horizon_s=job.horizon_s)
+        pv, pv_source = pf.watts, pf.source
+    forecast_ms = (time.perf_counter() - t0) * 1e3
+    inputs = PlanInputs(step_s=job.step_s, load_w=lf.watts, pv_w=pv,
+                        import_price=job.import_price, export_price=job.export_price,
+                        battery=job.battery, limits=job.limits)
+    plan = plan_or_fallback(inputs, budget_ms=job.budget_ms, solver=solver)
+    return PlanResult(plan, inputs, lf.source, lf.history_days, pv_source, forecast_ms)
+
+
+def planned_setpoints(state: SiteState, mode: ModeState, battery_w: float) -> Setpoints:
+    """The plan's battery power within the battery's ratings and the reserve (auto mode).
+
+    The same device clamps as :func:`gateway.commands.rule_setpoints`; the DSO envelope is the
+    caller's to apply on top.
+    """
+    b = state.battery
+    if b is None:
+        return Setpoints(None)
+    target = min(max(battery_w, -b.max_discharge_w), b.max_charge_w)
+    if target < 0 and b.soc_pct <= mode.reserve_soc_pct:
+        target = 0.0
+    return Setpoints(battery_w=round(target, 1))
+
+
+def _history_rows(store: Store, since: float, after_seq: int) -> tuple[int, FloatArray | None]:
+    # On the store's thread, conversion included: the first read is ~80k rows at 1/min.
+    top, rows = store.power_history(since, after_seq)
+    if not rows:
+        return top, None
+    arr = np.array(rows, dtype=np.float64)  # None -> nan
+    return top, arr
+
+
+# ---------------------------------------------------------------------------- the planner
+
+
+class Planner:
+    """The slow loop's state for one gateway: history cache, the plan in use, counters."""
+
+    def __init__(self, config: Config, *, solver: Solver = solve_plan) -> None:
+        self.cfg: PlannerConfig = config.planner
+        self.tariff = config.tariff.tariff
+        self.solver = solver
+        self.tz: tzinfo | None = None if self.cfg.timezone == "UTC" else ZoneInfo(
+            self.cfg.timezone)
+        c = self.cfg
+        self.array = (PvArray(lat=c.lat, lon=c.lon, kwp=c.pv_kwp, tilt_deg=c.pv_tilt_deg,
+                              azimuth_deg=c.pv_azimuth_deg, ac_limit_w=c.pv_ac_limit_w)
+                      if c.pv_kwp > 0 else None)
+        self.plan: ActivePlan | None = None
+        self.last: PlanResult | None = None  # the latest solve's plan and inputs (inspection)
+        self.stats = PlannerStats()
+        self._hist_seq = 0
+        self._hist = np.empty((0, 3))  # rows (t, load_w, pv_w), NaN = not read
+        self._busy: asyncio.Future[PlanResult] | None = None
+        self._last_error = ""
+        self._was_fallback = False
+        self.waiting_for_battery = False
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.horizon_s // self.cfg.step_s
+
+    # ------------------------------------------------------------------ fast-loop side
+
+    def desired_battery_w(self, now: float, measured: SiteState) -> float | None:
+        """Battery power (W, + charge) the plan wants now on the measured load and PV.
+
+        None without a fresh plan or without this cycle's meter and battery readings.
+        """
+        p = self.plan
+        if p is None or measured.meter is None or measured.battery is None:
+            return None
+        k = p.step_at(now)
+        if k is None:
+            return None
+        pv = measured.inverter.ac_w if measured.inverter is not None else 0.0
+        load = measured.meter.site_w + pv - measured.battery.w  # site = load - pv + battery
+        return follow_plan(float(p.battery_w[k]), float(p.site_w[k]), load, pv)
+
+    @staticmethod
+    def setpoints(state: SiteState, mode: ModeState, battery_w: float) -> Setpoints:
+        """What the fast loop writes for ``battery_w`` (see :func:`planned_setpoints`)."""
+        return planned_setpoints(state, mode, battery_w)
+
+    # ------------------------------------------------------------------ slow-loop side
+
+    async def restore(self, gw: Gateway) -> None:
+        """Take over the stored plan if it is still fresh (a restart within two intervals)."""
+        if gw.store is None:
+            return
+        p = ActivePlan.from_json(await gw._in_db(gw.store.kv_json, KV_KEY))
+        if p is not None and p.step_at(gw.clock.now()) is not None:
+            self.plan = p
+            log.info("planner: following the stored plan made at %.0f", p.made_at)
+
+    async def _read_history(self, gw: Gateway, now: float) -> None:
+        since = now - HISTORY_DAYS * 86400.0
+        if gw.store is not None:
+            try:
+                top, new = await gw._in_db(_history_rows, gw.store, since, self._hist_seq)
+            except (StoreError, sqlite3.Error, OSError) as e:
+                # Plan on what is cached (or the prior) rather than not at all.
+                self._fail(gw, f"history not read: {e}")
+                top, new = self._hist_seq, None
+            if new is not None:
+                self._hist = np.concatenate([self._hist, new])
+            self._hist_seq = top
+        self._hist = self._hist[self._hist[:, 0] >= since]
+        self.stats.history_rows = int(self._hist.shape[0])
+
+    def _battery(self, gw: Gateway, now: float) -> Battery | None:
+        live = gw.live
+        b = live.battery if live is not None else None
+        if b is None or now - b.ts > MAX_READING_AGE_STEPS * self.cfg.step_s:
+            return None
+        cap = b.capacity_wh if b.capacity_wh > 0 else (self.cfg.battery_capacity_wh or 0.0)
+        mode = gw.mode.current(now)
+        reserve_pct = max(mode.reserve_soc_pct, b.reserve_pct or 0.0)
+        eta = self.cfg.battery_efficiency
+        return Battery(capacity_wh=cap, soc0_wh=min(max(b.soc_pct, 0.0), 100.0) / 100.0 * cap,
+                       max_charge_w=max(b.max_charge_w, 0.0),
+                       max_discharge_w=max(b.max_discharge_w, 0.0),
+                       soc_min_wh=min(reserve_pct, 100.0) / 100.0 * cap,
+                       eta_charge=eta, eta_discharge=eta,
+                       degradation_per_kwh=self.cfg.degradation_per_kwh)
+
+    def _fail(self, gw: Gateway, msg: str) -> None:
+        self.stats.last_reason = msg
+        if msg != self._last_error:
+            log.error("planner: %s", msg)
+            gw.event("error", "planner", msg[:500])
+            self._last_error = msg
+
+    async def plan_once(self, gw: Gateway) -> bool:
+        """One planning round. Returns False when it made no plan (and says why once)."""
+        c = self.cfg
+        now = gw.clock.now()
+        if self._busy is not None and not self._busy.done():
+            self.stats.busy_skips += 1
+            return False
+        t0 = time.perf_counter()
+        battery = self._battery(gw, now)
+        self.waiting_for_battery = battery is None
+        if battery is None:
+            return False  # no battery reading yet (or none for a long time): nothing to plan
+        start = math.floor(now / c.step_s) * c.step_s
+        n = self.steps
+        await self._read_history(gw, now)
+        try:
+            off = 0.0
+            if self.tz is not None:
+                delta = datetime.fromtimestamp(start, tz=UTC).astimezone(self.tz).utcoffset()
+                off = delta.total_seconds() if delta is not None else 0.0
+            imp, exp = self.tariff.prices(start, n, c.step_s, tz_offset_s=off)
+            tv = c.terminal_value_per_kwh
+            battery = replace(battery, terminal_value_per_kwh=float(np.min(imp)) if tv is None
+                              else tv)
+            limits = gw.limits_for_horizon(start, n, float(c.step_s))
+        except Exception as e:  # the envelope hook or the tariff: no plan this round
+            self.stats.errors += 1
+            self._fail(gw, f"no plan: {e}")
+            return False
+        h = self._hist
+        job = PlanJob(now=now, start=start, step_s=c.step_s, horizon_s=c.horizon_s,
+                      hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
+                      import_price=imp, export_price=exp, battery=battery,
+                      limits=limits if limits is not None else StepLimits.unlimited(n),
+                      tz=self.tz, array=self.array, budget_ms=c.budget_ms)
+        fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
+        self._busy = fut
+        # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).
+        timeout = 60.0 + 5.0 * c.budget_ms / 1000.0
+        try:
+            res = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            self.stats.timeouts += 1
+            self.stats.errors += 1
+            self._fail(gw, f"planning took longer than {timeout:.0f} s; the thread is still busy")
+            return False
+        except ValueError as e:  # inputs that describe no household (named in the message)
+            self.stats.errors += 1
+            self._fail(gw, f"no plan: {e}")
+            return False
+        except Exception as e:  # a bug: count and say it, but never take the daemon down
+            self.stats.errors += 1
+            log.exception("planner: planning failed")
+            self._fail(gw, f"no plan: planning failed: {e!r}")
+            return False
+        self._install(gw, res, start, now)
+        self.stats.round_ms_last = (time.perf_counter() - t0) * 1e3
+        return True
+
+    def _install(self, gw: Gateway, res: PlanResult, start: float, now: float) -> None:
+        plan = res.plan
+        s = self.stats
+        s.plans += 1
+        s.load_source = res.load_source
+        s.solve_ms_last = plan.solve_ms
+        s.solve_ms_max = max(s.solve_ms_max, plan.solve_ms)
+        if plan.source == "lp":
+            s.lp += 1
+            s.solve_ms_sum += plan.solve_ms
+            if self._was_fallback:
+                gw.event("info", "planner", "optimizer plans again")
+            self._was_fallback = False
+            self._last_error = ""
+        else:
+            s.fallbacks += 1
+            s.last_reason = plan.reason
+            if not self._was_fallback:
+                log.warning("planner: using the self-consumption rule: %s", plan.reason)
+                gw.event("warning", "planner", f"fallback: {plan.reason[:400]}")
+            self._was_fallback = True
+        self.last = res
+        self.plan = ActivePlan.from_plan(plan, start, now)
+        gw.pending.kv[KV_KEY] = json.dumps(self.plan.to_json(), separators=(",", ":"))
+        log.debug("planner: %s plan for %.0f, first step battery %.0f W site %.0f W (%.1f ms)",
+                  plan.source, start, plan.setpoint.battery_w, plan.setpoint.site_w,
+                  plan.solve_ms)
+
+
+async def planner_loop(gw: Gateway) -> None:
+    """The daemon's slow loop: plan at start and at every ``planner.step_s`` boundary.
+
+    Returns when ``gw.stop`` is set. Never raises for a bad round (it is counted and the
+    previous plan ages out, so the fast loop falls back to self-consumption).
+    """
+    planner = gw.planner if isinstance(gw.planner, Planner) else Planner(gw.cfg)
+    gw.planner = planner
+    c = planner.cfg
+    clock = gw.clock
+    if "battery" not in gw.slots:
+        log.warning("planner: no battery configured; nothing to plan")
+        await gw.stop.wait()
+        return
+    await planner.restore(gw)
+    # Compile the LP once, untimed, so the first solve is judged by its solve time only.
+    await in_plan_thread(compiled, planner.steps, float(c.step_s))
+    retry_s = max(2.0 * gw.cfg.control.cycle_s, 1.0)
+    while not gw.stop.is_set():
+        due = clock.now()
+        if not await planner.plan_once(gw) and planner.waiting_for_battery:
+            await gw._sleep_until(clock.now() + retry_s)  # no battery reading (yet)
+            continue
+        if clock.now() - due > c.step_s:
+            planner.stats.late += 1  # the round outlasted an interval: a boundary was missed
+        await gw._sleep_until((math.floor(clock.now() / c.step_s) + 1) * c.step_s)
