@@ -28,6 +28,7 @@ import aiomqtt
 
 from drivers.clock import SimClock
 from firmware_sim.home import HomeConfig
+from firmware_sim.profiles import pv_profile
 from firmware_sim.server import run_home
 from gateway.broker import local_broker
 from gateway.config import parse_config
@@ -49,6 +50,7 @@ class DemoOptions:
     out_dir: str | None = None
     home_index: int = 0
     broker: str = "auto"  # auto | mosquitto | amqtt
+    planner: bool = True  # forecast -> optimize slow loop (the fast loop follows the plan)
 
 
 @dataclass
@@ -77,6 +79,20 @@ class _Dashboard:
                 await asyncio.sleep(0.2)
 
 
+def _planner_table(home: HomeConfig, enabled: bool) -> dict[str, Any]:
+    """The gateway's ``[planner]`` table for the simulated home's PV array.
+
+    The shipped PV profile is in the site's local standard time, which the simulation treats as
+    UTC: the sun is where the data has it if the longitude is shifted by the time zone.
+    """
+    pvp = pv_profile(home.pv_site, step_s=60, seed=home.pv_seed)
+    return {
+        "enabled": enabled, "step_s": 900, "horizon_s": 86400, "budget_ms": 1000.0,
+        "lat": pvp.lat, "lon": pvp.lon - 15.0 * pvp.tz_hours, "pv_kwp": home.pv_kwp,
+        "pv_ac_limit_w": home.inverter_rated_w,
+    }
+
+
 def _parse_start(start: str | None) -> float:
     if not start:
         return time.time()
@@ -102,7 +118,8 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
             dash_task = asyncio.create_task(dash.run(broker.host, broker.port, SITE))
             await asyncio.wait_for(dash.ready.wait(), 10.0)
             clock = SimClock(start=start, speed=opts.speed)
-            async with run_home(clock, HomeConfig(home_index=opts.home_index)) as sim:
+            home = HomeConfig(home_index=opts.home_index)
+            async with run_home(clock, home) as sim:
                 dso = EnvelopeDemo(SITE, start, broker.url, clock)  # envelope section
                 config = parse_config({
                     "site_id": SITE,
@@ -115,6 +132,7 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
                     "mqtt": {"state_interval_s": 60.0},
                     "control": {"cycle_s": opts.cycle_s, "startup_grace_s": 5.0},
                     "envelope": dso.config_table(),
+                    "planner": _planner_table(home, opts.planner),
                 })
                 end = clock.now() + opts.sim_hours * 3600.0
                 async with dso.running(sim, end):
@@ -165,9 +183,20 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
         },
         "ha_discovery_configs": dash.discovery,
         "envelope": dso.report(stats.envelope),
+        "planner": _planner_report(stats.planner),
         "broker": broker_kind,
         "wall_s": round(wall, 2),
         "cycles_per_wall_s": round(cycles / max(wall, 1e-9), 1),
+    }
+
+
+def _planner_report(p: dict[str, Any]) -> dict[str, Any]:
+    lp = int(p.get("lp", 0))
+    return {
+        "plans": int(p.get("plans", 0)), "lp": lp, "fallbacks": int(p.get("fallbacks", 0)),
+        "errors": int(p.get("errors", 0)),
+        "solve_ms_mean": round(float(p.get("solve_ms_sum", 0.0)) / lp, 2) if lp else None,
+        "solve_ms_max": p.get("solve_ms_max"),
     }
 
 
@@ -178,6 +207,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"hems demo: {r['homes']} home(s), {r['sim_hours']:g} simulated h in {r['wall_s']} s wall "
         f"(cycle {r['cycle_s']:g} s, speed x{r['speed']:g}, broker: {r['broker']})",
         f"  polls {r['polls']}, poll errors {r['poll_errors']}, late cycles {r['overruns']}",
+        f"  planner: {r['planner']['plans']} plans ({r['planner']['lp']} LP, "
+        f"{r['planner']['fallbacks']} fallback), solve ms mean {r['planner']['solve_ms_mean']}, "
+        f"max {r['planner']['solve_ms_max']}",
         f"  energy kWh (gateway): load {e['load']}, pv {e['pv']}, import {e['import']}, "
         f"export {e['export']}, battery +{e['battery_charge']}/-{e['battery_discharge']}",
         "  energy kWh (simulator): " + ", ".join(f"{k} {v}" for k, v in t.items()),

@@ -86,3 +86,8 @@ def test_demo_runs_the_daemon_and_its_figures_agree_with_the_physics() -> None:
     assert tel["stored"] == tel["published"] == tel["received"] == tel["produced"]
     assert tel["lost"] == 0 and tel["in_order"]
     assert report["ha_discovery_configs"] >= 8
+    # the slow loop planned every 15 simulated minutes and the LP was used, not the fallback
+    assert report["planner"]["lp"] >= 6 and report["planner"]["fallbacks"] == 0
+    env = report["envelope"]
+    assert set(env) >= {"controls", "max_export_exceedance_w", "exceedance_s",
+                        "max_import_exceedance_w", "p99_response_s"}
