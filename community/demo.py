@@ -117,6 +117,11 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
             dash = _Dashboard()
             dash_task = asyncio.create_task(dash.run(broker.host, broker.port, SITE))
             await asyncio.wait_for(dash.ready.wait(), 10.0)
+            if opts.planner:
+                # Import cvxpy (~2 s) before simulated time starts: at x1440 a 2 s stall of the
+                # fast loop would be half an hour of the home unobserved.
+                import gateway.optimize  # noqa: F401
+
             clock = SimClock(start=start, speed=opts.speed)
             home = HomeConfig(home_index=opts.home_index)
             async with run_home(clock, home) as sim:
