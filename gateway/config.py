@@ -165,6 +165,22 @@ class EnvelopeSection:
 
 
 @dataclass(frozen=True)
+class MarketConfig:
+    """The community market agent (``[market]``; absent or ``enabled = false`` = no bidding).
+    See :mod:`gateway.market_agent`."""
+
+    enabled: bool = False
+    community: str = ""
+    price_floor: float = 0.08  # fallback feed-in tariff (provisional settlement) ...
+    price_cap: float = 0.30  # ... and retail price, when the announce is not at hand
+    prices: int = 8  # price points of each bid curve
+    gate_margin_s: float = 10.0  # no bid later than this before gate closure (domain s)
+    retry_s: float = 15.0  # between attempts (no plan yet; meter not settled yet)
+    meter_delay_s: float = 5.0  # after delivery end before reporting the meter
+    time_limit_s: float = 2.0  # per solve of the bid curve (real s)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -178,6 +194,7 @@ class Config:
     planner: PlannerConfig = PlannerConfig()
     envelope: EnvelopeSection | None = None
     source: str = ""
+    market: MarketConfig = MarketConfig()
 
     def device(self, kind: str) -> DeviceConfig | None:
         """The configured device of ``kind``, if any."""
@@ -277,7 +294,7 @@ def _range(lo: float, hi: float) -> Callable[[float], str | None]:
 def _parse(data: Mapping[str, Any], source: str, errors: list[ConfigError]) -> Config | None:
     r = _Reader(errors)
     r.unknown(data, {"site_id", "devices", "broker", "control", "store", "mqtt", "tariff",
-                     "planner", "envelope"}, "")
+                     "planner", "envelope", "market"}, "")
     site_id = r.get(data, "site_id", "", str, "", required=True,
                     check=lambda s: None if _SITE_RE.match(s) else
                     "must be 1-48 characters of a-z, 0-9, '-' or '_', starting with a letter or "
@@ -291,10 +308,12 @@ def _parse(data: Mapping[str, Any], source: str, errors: list[ConfigError]) -> C
     tariff = _parse_tariff(r.table(data, "tariff", ""), r)
     planner = _parse_planner(r.table(data, "planner", ""), r)
     envelope = _parse_envelope(data, r, Path(source).parent if source else Path("."))
+    market = _parse_market(r.table(data, "market", ""), r)
     if errors or broker is None:
         return None
     return Config(site_id=site_id, devices=devices, broker=broker, control=control, store=store,
-                  mqtt=mqtt, tariff=tariff, planner=planner, envelope=envelope, source=source)
+                  mqtt=mqtt, tariff=tariff, planner=planner, envelope=envelope, source=source,
+                  market=market)
 
 
 def _parse_devices(data: Mapping[str, Any], r: _Reader) -> tuple[DeviceConfig, ...]:
@@ -636,6 +655,33 @@ def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> Envelope
         flood_per_min=r.get(t, "flood_per_min", p, float, 60.0, check=_range(1.0, 60_000.0)),
         status_interval_s=r.get(t, "status_interval_s", p, float, 60.0,
                                 check=_range(1.0, 3600.0)),
+    )
+
+
+def _parse_market(t: Mapping[str, Any], r: _Reader) -> MarketConfig:
+    p = "market"
+    r.unknown(t, {"enabled", "community", "price_floor", "price_cap", "prices", "gate_margin_s",
+                  "retry_s", "meter_delay_s", "time_limit_s"}, p)
+    if not t:
+        return MarketConfig()
+    enabled = r.get(t, "enabled", p, bool, True)
+    community = r.get(t, "community", p, str, "", required=enabled,
+                      check=lambda c: None if re.match(r"^[A-Za-z0-9_.-]{1,64}$", c) else
+                      f"must be 1-64 characters of A-Z, a-z, 0-9, '_', '.' or '-' (an MQTT "
+                      f"topic level), got {c!r}")
+    price = _range(-10.0, 10.0)
+    floor = r.get(t, "price_floor", p, float, 0.08, check=price)
+    cap = r.get(t, "price_cap", p, float, 0.30, check=price)
+    if floor > cap:
+        r.fail(f"{p}.price_cap", f"must be >= price_floor ({floor:g}), got {cap:g}")
+    return MarketConfig(
+        enabled=enabled, community=community, price_floor=floor, price_cap=cap,
+        prices=r.get(t, "prices", p, int, 8, check=lambda n: None if 2 <= n <= 32 else
+                     f"must be 2..32, got {n}"),
+        gate_margin_s=r.get(t, "gate_margin_s", p, float, 10.0, check=_range(0.0, 3600.0)),
+        retry_s=r.get(t, "retry_s", p, float, 15.0, check=_range(0.1, 3600.0)),
+        meter_delay_s=r.get(t, "meter_delay_s", p, float, 5.0, check=_range(0.0, 3600.0)),
+        time_limit_s=r.get(t, "time_limit_s", p, float, 2.0, check=_range(0.01, 60.0)),
     )
 
 

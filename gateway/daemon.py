@@ -62,11 +62,16 @@ from gateway.config import Config, ConfigError, DeviceConfig, load_config
 from gateway.envelope_agent import EnvelopeAgent, agent_settings
 from gateway.messages import Topics
 from gateway.mqtt import MqttSession
+from gateway.plausibility import ReadingGuard
 from gateway.sdnotify import Notifier
 from gateway.store import Aggregator, Batch, Event, OutboxRow, Store, StoreError
 from gateway.supervisor import Supervisor, TaskSpec, Unrecoverable
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from gateway.market_agent import MarketAgent
     from gateway.optimize.inputs import StepLimits
     from gateway.planner import Planner
 
@@ -112,6 +117,7 @@ class GatewayStats:
     inverter_writes: int = 0  # Modbus limit writes (a cost: only when changed or due)
     battery_writes: int = 0
     envelope: dict[str, Any] = field(default_factory=dict)  # AgentStats with [envelope]
+    market: dict[str, Any] = field(default_factory=dict)  # MarketStats with [market]
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -179,6 +185,7 @@ class Gateway:
         self.mqtt: MqttSession | None = None
         self.planner: Planner | None = None  # set by gateway.planner.planner_loop
         self.envelope: EnvelopeAgent | None = None
+        self.guard = ReadingGuard()  # plausibility of readings (gateway.plausibility)
         if config.envelope is not None:
             # The DSO's limit is the outer bound of whatever the policy or the plan wants.
             self.envelope = EnvelopeAgent(
@@ -186,6 +193,12 @@ class Gateway:
                 cycle_s=config.control.cycle_s,
                 telemetry_interval_s=config.store.telemetry_interval_s,
                 on_event=self.event, on_persist=self._persist_envelope)
+        self.market: MarketAgent | None = None
+        self.replan = asyncio.Event()  # set: the slow loop plans again now (e.g. a new award)
+        if config.market.enabled:
+            from gateway.market_agent import make_agent
+
+            self.market = make_agent(self)
 
     # ------------------------------------------------------------------ plan following
 
@@ -214,6 +227,22 @@ class Gateway:
         cols = self.envelope.horizon_limits(start, n, step_s)
         return StepLimits(*(np.array(c, dtype=float) for c in cols))
 
+    def awards_for_horizon(self, start: float, n: int, step_s: float
+                           ) -> npt.NDArray[np.float64] | None:
+        """Market commitments (``award_w``, W, + sold) for ``n`` planning steps from ``start``
+        (None: no market agent). The planner calls it each round."""
+        if self.market is None:
+            return None
+        from gateway.market_agent import awards_array
+
+        return awards_array(self.market, start, n, step_s)
+
+    def energy_counters(self) -> tuple[float, float]:
+        """Lifetime (import, export) Wh integrated from the meter's power (persisted)."""
+        open_wh = self.agg.open_wh
+        return (self._energy_base["import"] + open_wh["import"],
+                self._energy_base["export"] + open_wh["export"])
+
     def _persist_envelope(self, snapshot: str) -> None:
         self.pending.kv["envelope"] = snapshot
         self.commit_now.set()
@@ -233,6 +262,10 @@ class Gateway:
         if self.envelope is not None:
             # Before the fast loop's first write: a restart resumes the limits it held.
             self.envelope.restore(await self._in_db(st.kv_get, "envelope"), self.clock.now())
+        if self.market is not None:
+            # Awards are commitments: the first plan after a restart must honour them.
+            self.market.restore(await self._in_db(st.market_rows, self.clock.now() - 86400.0),
+                                self.clock.now())
         saved = await self._in_db(st.kv_json, "mode")
         if isinstance(saved, dict):
             self.mode = ModeState.from_json(saved, self.mode)
@@ -267,26 +300,41 @@ class Gateway:
     async def fast_loop(self) -> None:
         cycle = self.cfg.control.cycle_s
         next_t = self.clock.now()
+        mono, dom = time.monotonic(), next_t
         while not self.stop.is_set():
             await self.cycle()
             self.heartbeat = time.monotonic()
             next_t += cycle
             now = self.clock.now()
-            if now > next_t + cycle:
+            # The clock itself stepped (NTP after an RTC-less boot, an operator): domain time
+            # moved unlike real time. Backwards, the next cycle would be a whole jump away (the
+            # loop would stall, the devices revert); forwards, it would count as an overrun.
+            m = time.monotonic()
+            jump = (now - dom) - (m - mono) * self.clock.speed
+            mono, dom = m, now
+            if abs(jump) > max(2 * cycle, 5.0):
+                log.warning("clock jumped by %+.1f s; control cycles re-anchored", jump)
+                self.event("warning", "clock", f"clock jumped by {jump:+.1f} s; control cycles "
+                                               "re-anchored", {"jump_s": round(jump, 3)})
+                next_t = now
+            elif now > next_t + cycle:
                 # Late by more than a cycle: re-anchor rather than burst to catch up.
                 self.stats.overruns += 1
                 next_t = now
             await self._sleep_until(next_t)
         await self.wind_down()
 
-    async def _sleep_until(self, t: float) -> None:
+    async def _sleep_until(self, t: float, wake: asyncio.Event | None = None) -> None:
         sleeper = asyncio.ensure_future(self.clock.sleep_until(t))
         stopper = asyncio.ensure_future(self.stop.wait())
+        waits = {sleeper, stopper}
+        if wake is not None:
+            waits.add(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            stopper.cancel()
+            for w in waits:
+                w.cancel()
 
     async def _read(self, kind: str) -> Any:
         slot = self.slots.get(kind)
@@ -304,7 +352,19 @@ class Gateway:
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.poll_errors += 1
             self._device_failed(slot, e)
+            self.guard.after_io(kind, slot.dev, None)
             return None
+        self.guard.after_io(kind, slot.dev, reading)
+        verdict = self.guard.check(kind, reading, self.clock.now())
+        if verdict.reject is not None:
+            # An absurd or frozen reading could loosen a limit: handle it as a failed read.
+            self.stats.poll_errors += 1
+            self._device_failed(slot, DeviceError(getattr(slot.dev, "name", kind),
+                                                  verdict.reject))
+            return None
+        if verdict.note is not None:
+            log.warning("device %s", verdict.note)
+            self.event("warning", "device", verdict.note)
         if slot.failing:
             slot.failing = False
             log.info("device %s (%s) reads again", slot.kind, getattr(slot.dev, "name", "?"))
@@ -375,6 +435,9 @@ class Gateway:
             if self.envelope is not None:
                 rec.update(self.envelope.window_record(rec["start"]))
             self._emit(rec)
+        if self.market is not None:
+            # After _emit: a closed window's energy has moved into the lifetime base by now.
+            self.market.observe(t, state.meter, *self.energy_counters())
 
     async def _apply(self, sp: Setpoints, state: SiteState, t: float) -> None:
         revert = self.cfg.control.revert_s
@@ -673,7 +736,8 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
         gw.close()
         raise
     mqtt = MqttSession(config.broker, config.mqtt, gw.topics, gw, gw.on_command,
-                       gw.state_payload, gw.state_period, envelope=gw.envelope, now=clock.now)
+                       gw.state_payload, gw.state_period, envelope=gw.envelope, now=clock.now,
+                       market=gw.market)
     gw.mqtt = mqtt
     hard_stop = asyncio.Event()
 
@@ -714,6 +778,9 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
     ]
     if slow_loop is not None:
         specs.append(TaskSpec("slow-loop", lambda: slow_loop(gw)))
+    if gw.market is not None:
+        market = gw.market
+        specs.append(TaskSpec("market", lambda: market.run(gw.stop)))
     sup = Supervisor(specs, hard_stop, on_restart=on_restart)
     if on_ready is not None:
         on_ready(gw)
@@ -730,6 +797,8 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
             gw.stats.planner = gw.planner.stats.as_dict()
         if gw.envelope is not None:
             gw.stats.envelope = gw.envelope.stats.as_dict()
+        if gw.market is not None:
+            gw.stats.market = gw.market.stats.as_dict()
         gw.stats.broker_connects = mqtt.stats.connects
         gw.stats.broker_failures = mqtt.stats.connect_failures
         gw.stats.backlog = max(0, gw._committed_seq - gw._published_seq)

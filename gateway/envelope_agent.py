@@ -549,9 +549,13 @@ class EnvelopeAgent:
         inv, bat = state.inverter, state.battery
         if inv is not None or bat is not None:
             rating = (inv.rated_w if inv else 0.0) + (bat.max_discharge_w if bat else 0.0)
-            if rating > 0 and math.isfinite(rating) and (
-                    self._ramp is None or self._ramp.rating_w != rating):
-                self._ramp = LimitRamp(rating, self.settings.ramp_pct_per_min)
+            if rating > 0 and math.isfinite(rating):
+                if self._ramp is None:
+                    self._ramp = LimitRamp(rating, self.settings.ramp_pct_per_min)
+                else:
+                    # A new rating changes the ramp's rate, not where it stands: a fresh
+                    # LimitRamp would jump straight to the (looser) target.
+                    self._ramp.rating_w = rating
         eff = self.limits_at(now, connected)
         assert self.target is not None
         if state.meter is None:

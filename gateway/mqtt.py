@@ -102,7 +102,8 @@ class MqttSession:
                  on_command: CommandHandler, state_payload: Callable[[], bytes | None],
                  state_period: Callable[[], Awaitable[None]], *, window: int = 100,
                  client_id: str | None = None, envelope: EnvelopeLink | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, market: EnvelopeLink | None = None
+                 ) -> None:
         self.broker = broker
         self.cfg = mqtt
         self.topics = topics
@@ -113,6 +114,9 @@ class MqttSession:
         self.window = window
         self.client_id = client_id or broker.client_id or f"hems-gw-{topics.site}"
         self.envelope = envelope
+        # The market agent (gateway.market_agent) speaks through the same link protocol.
+        self.market = market
+        self._links = [link for link in (envelope, market) if link is not None]
         self.now = now  # domain time (the gateway's clock) for envelope messages
         self.stats = MqttStats()
         self.connected = asyncio.Event()
@@ -189,8 +193,7 @@ class MqttSession:
                 for topic, payload in discovery_messages(self.topics, self.cfg.discovery_prefix):
                     await client.publish(topic, payload, qos=1, retain=True)
             await client.subscribe(self.topics.cmd_filter, qos=1)
-            env = self.envelope
-            if env is not None:
+            for env in self._links:
                 for t in env.subscriptions:  # retained: the DSO's current documents arrive now
                     await client.subscribe(t, qos=1)
                 env.on_connect()
@@ -201,7 +204,7 @@ class MqttSession:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._commands(client))
                     tg.create_task(self._states(client))
-                    if env is not None:
+                    for env in self._links:
                         tg.create_task(self._envelope_out(client, env))
                     drain = tg.create_task(self._drain(client))
                     await drain  # returns only when closing
@@ -265,8 +268,8 @@ class MqttSession:
 
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
-            env = self.envelope
-            if env is not None and env.wants(str(msg.topic)):
+            env = next((link for link in self._links if link.wants(str(msg.topic))), None)
+            if env is not None:
                 raw = msg.payload
                 env.on_message(str(msg.topic), raw if isinstance(raw, bytes) else
                                bytes(raw) if isinstance(raw, bytearray) else

@@ -200,6 +200,7 @@ class PlanJob:
     tz: tzinfo | None
     array: PvArray | None
     budget_ms: float
+    award_w: FloatArray | None = None  # market commitments per step (+ sold), W
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ class PlanResult:
     history_days: int
     pv_source: str
     forecast_ms: float
+    start: float = math.nan  # domain time of step 0 (the market agent bids from these inputs)
 
 
 def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
@@ -235,9 +237,10 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     forecast_ms = (time.perf_counter() - t0) * 1e3
     inputs = PlanInputs(step_s=job.step_s, load_w=lf.watts, pv_w=pv,
                         import_price=job.import_price, export_price=job.export_price,
-                        battery=job.battery, limits=job.limits)
+                        battery=job.battery, limits=job.limits, award_w=job.award_w)
     plan = plan_or_fallback(inputs, budget_ms=job.budget_ms, solver=solver)
-    return PlanResult(plan, inputs, lf.source, lf.history_days, pv_source, forecast_ms)
+    return PlanResult(plan, inputs, lf.source, lf.history_days, pv_source, forecast_ms,
+                      start=job.start)
 
 
 def planned_setpoints(state: SiteState, mode: ModeState, battery_w: float) -> Setpoints:
@@ -390,6 +393,7 @@ class Planner:
             battery = replace(battery, terminal_value_per_kwh=float(np.min(imp)) if tv is None
                               else tv)
             limits = gw.limits_for_horizon(start, n, float(c.step_s))
+            award = gw.awards_for_horizon(start, n, float(c.step_s))
         except Exception as e:  # the envelope hook or the tariff: no plan this round
             self.stats.errors += 1
             self._fail(gw, f"no plan: {e}")
@@ -399,7 +403,7 @@ class Planner:
                       hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
                       import_price=imp, export_price=exp, battery=battery,
                       limits=limits if limits is not None else StepLimits.unlimited(n),
-                      tz=self.tz, array=self.array, budget_ms=c.budget_ms)
+                      tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award)
         fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
         self._busy = fut
         # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).
@@ -473,9 +477,11 @@ async def planner_loop(gw: Gateway) -> None:
     retry_s = max(2.0 * gw.cfg.control.cycle_s, 1.0)
     while not gw.stop.is_set():
         due = clock.now()
+        gw.replan.clear()
         if not await planner.plan_once(gw) and planner.waiting_for_battery:
             await gw._sleep_until(clock.now() + retry_s)  # no battery reading (yet)
             continue
         if clock.now() - due > c.step_s:
             planner.stats.late += 1  # the round outlasted an interval: a boundary was missed
-        await gw._sleep_until((math.floor(clock.now() / c.step_s) + 1) * c.step_s)
+        # Or sooner when a market award (a new commitment) arrives.
+        await gw._sleep_until((math.floor(clock.now() / c.step_s) + 1) * c.step_s, gw.replan)

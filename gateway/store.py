@@ -136,7 +136,27 @@ def _m2_envelope(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE telemetry ADD COLUMN {name} REAL")
 
 
-MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_m1_initial, _m2_envelope)
+#: The market agent's ledger (gateway.market_agent): one row per community and delivery
+#: interval: the bid sent and the operator's answer, the award (site's side: + sold), the metered
+#: net export reported, and the operator's statement (or a provisional total computed locally).
+MARKET_COLUMNS: dict[str, type] = {
+    "community": str, "interval_id": str, "site": str, "delivery_start": float,
+    "delivery_end": float, "gate_closure": float, "price_floor": float, "price_cap": float,
+    "bid_id": str, "bid_seq": int, "bid": str, "bid_code": str, "award_export_kwh": float,
+    "award_price": float, "award_amount": float, "metered_export_kwh": float,
+    "meter_code": str, "settlement": str, "total": float, "deviation_kwh": float,
+    "deviation_amount": float, "provisional": int, "updated_ts": float,
+}
+
+
+def _m3_market(db: sqlite_utils.Database) -> None:
+    db["market"].create(MARKET_COLUMNS, pk=("community", "interval_id"),  # type: ignore[union-attr]
+                        not_null={"delivery_start", "delivery_end"})
+    db["market"].create_index(["delivery_start"])  # type: ignore[union-attr]
+
+
+MIGRATIONS: Sequence[Callable[[sqlite_utils.Database], None]] = (_m1_initial, _m2_envelope,
+                                                                  _m3_market)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -355,6 +375,24 @@ class Store:
             "WHERE seq > ? AND ts >= ? ORDER BY seq", [after_seq, since]).fetchall()
         top = int(rows[-1][0]) if rows else after_seq
         return top, [(float(t), ld, pv) for _, t, ld, pv in rows]
+
+    def market_upsert(self, row: dict[str, Any]) -> None:
+        """Write one ``market`` row (keyed by community and interval), in its own transaction.
+        Raises :class:`StoreError`."""
+        unknown = set(row) - set(MARKET_COLUMNS)
+        if unknown:
+            raise ValueError(f"market row: unknown column(s) {sorted(unknown)}")
+        try:
+            with self.db.atomic():
+                self.db["market"].upsert(row, pk=("community", "interval_id"))  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            raise StoreError(_friendly(self.path, e)) from e
+        self.commits += 1
+
+    def market_rows(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """``market`` rows whose delivery ends at or after ``since``, by delivery start."""
+        return list(self.db.query("SELECT * FROM market WHERE delivery_end >= ? "
+                                  "ORDER BY delivery_start", [since]))
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is None:
