@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from planner.helpers import wait_until
 
 from community.market.messages import Bid, check_curves
 from drivers.clock import SimClock
@@ -22,8 +23,6 @@ from gateway.market_agent import (
     interval_curve,
 )
 from gateway.optimize.inputs import Battery, PlanInputs, StepLimits
-
-from .helpers import wait_until
 
 T0 = 1_782_036_000.0  # 2026-06-21T10:00:00Z
 SITE, C = "s1", "c1"

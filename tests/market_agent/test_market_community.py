@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from planner.helpers import DAY, HOME, T0, home_profiles, planner_config, seed_history, wait_until
 
 from community.market import MarketOperator
 from community.market.ledger import Ledger
@@ -30,8 +31,6 @@ from gateway.daemon import Gateway, run_gateway
 from gateway.optimize.problem import compiled
 from gateway.planner import Planner
 from gateway.store import Store
-
-from .helpers import DAY, HOME, T0, home_profiles, planner_config, seed_history, wait_until
 
 Mosquitto = Any
 SPEED = 60.0  # one 300 s delivery interval = 5 s real
