@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -71,12 +72,14 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.homes > 1:
+        return _cmd_community(args)
     from community.demo import DemoOptions, format_report, run_demo
 
     opts = DemoOptions(
         sim_hours=args.hours,
         homes=args.homes,
-        speed=args.speed,
+        speed=args.speed or 1440.0,
         cycle_s=args.cycle,
         start=args.start,
         out_dir=args.out,
@@ -87,13 +90,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:  # bad options, no broker available
         print(f"hems demo: {e}", file=sys.stderr)
         return 2
-    text = format_report(report)
+    return _print_report(args, format_report(report), report)
+
+
+def _print_report(args: argparse.Namespace, text: str, report: dict[str, Any]) -> int:
     if args.json:
         print(text, file=sys.stderr)
         print(json.dumps(report, separators=(",", ":")))
     else:
         print(text)
     return 0 if report.get("ok", True) else 1
+
+
+def _cmd_community(args: argparse.Namespace) -> int:
+    from community.community_demo import CommunityOptions, format_report, run_community
+
+    try:
+        opts = CommunityOptions(
+            homes=args.homes, sim_hours=args.hours, speed=args.speed, cycle_s=args.cycle,
+            start=args.start, out_dir=args.out, broker=args.broker, workers=args.workers,
+            interval_s=args.interval, baseline=not args.no_baseline,
+            picture=not args.no_picture)
+        report = asyncio.run(run_community(opts))
+    except (ValueError, RuntimeError) as e:
+        print(f"hems demo: {e}", file=sys.stderr)
+        return 2
+    return _print_report(args, format_report(report), report)
 
 
 def _cmd_backtest(args: argparse.Namespace) -> int:
@@ -165,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Parsed by their own modules (see main): listed here for --help only.
     sub.add_parser("market", add_help=False,
                    help="community market operator (double auction over MQTT); hems market -h")
+    sub.add_parser("selftest", add_help=False,  # parsed in main (community.selftest)
+                   help="short built-in fault run of the real gateway; hems selftest -h")
 
     s = sub.add_parser("sim", help="serve the simulated inverter, battery and meter (Modbus TCP)")
     s.add_argument("--host", default="127.0.0.1")
@@ -185,8 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the simulated home end to end and print a report")
     s.add_argument("--hours", type=float, default=24.0, help="simulated hours")
     s.add_argument("--homes", type=int, default=1)
-    s.add_argument("--speed", type=float, default=1440.0, help="simulated seconds per real second")
+    s.add_argument("--speed", type=float, default=None,
+                   help="simulated seconds per real second (default: 1440 for one home; "
+                        "chosen from the CPU work for a community)")
     s.add_argument("--cycle", type=float, default=5.0, help="control cycle, simulated seconds")
+    s.add_argument("--workers", type=int, default=None,
+                   help="community: gateway processes (default: one per CPU core)")
+    s.add_argument("--interval", type=int, default=900,
+                   help="community: market delivery interval = planning step, s")
+    s.add_argument("--no-baseline", action="store_true",
+                   help="community: skip the day without the market (no costs.no_p2p)")
+    s.add_argument("--no-picture", action="store_true", help="community: no PNG")
     s.add_argument("--start", default="2026-06-21T00:00:00Z", help="simulated start (UTC)")
     s.add_argument("--out", default=None, help="directory for the database and report files")
     s.add_argument("--broker", default="auto",
@@ -229,6 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="community market operator")
         add_arguments(mp)
         return int(main_from_args(mp.parse_args(argv[1:])))
+    if argv[:1] == ["selftest"]:  # imported only when used (simulator, broker, daemon)
+        _setup_logging("-v" in argv)
+        from community.selftest import add_arguments as st_args
+        from community.selftest import main_from_args as st_main
+
+        sp = argparse.ArgumentParser(prog="hems selftest", description="built-in fault run")
+        st_args(sp)
+        return int(st_main(sp.parse_args([a for a in argv[1:] if a != "-v"])))
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     rc: int = args.func(args)

@@ -50,7 +50,7 @@ from gateway.forecast.solar import PvArray
 from gateway.optimize import Battery, Plan, PlanInputs, StepLimits, plan_or_fallback
 from gateway.optimize.fallback import Solver
 from gateway.optimize.follow import follow_plan
-from gateway.optimize.inputs import FloatArray
+from gateway.optimize.inputs import NO_BATTERY, FloatArray
 from gateway.optimize.problem import compiled, solve_plan
 from gateway.store import Store, StoreError
 
@@ -346,6 +346,8 @@ class Planner:
         self.stats.history_rows = int(self._hist.shape[0])
 
     def _battery(self, gw: Gateway, now: float) -> Battery | None:
+        if "battery" not in gw.slots:
+            return NO_BATTERY
         live = gw.live
         b = live.battery if live is not None else None
         if b is None or now - b.ts > MAX_READING_AGE_STEPS * self.cfg.step_s:
@@ -468,9 +470,9 @@ async def planner_loop(gw: Gateway) -> None:
     c = planner.cfg
     clock = gw.clock
     if "battery" not in gw.slots:
-        log.warning("planner: no battery configured; nothing to plan")
-        await gw.stop.wait()
-        return
+        # Still plan: the plan prices the site's load and PV (and any envelope curtailment),
+        # which is what the market agent bids from; the fast loop has no battery to steer.
+        log.info("planner: no battery configured; planning load and PV only")
     await planner.restore(gw)
     # Compile the LP once, untimed, so the first solve is judged by its solve time only.
     await in_plan_thread(compiled, planner.steps, float(c.step_s))
