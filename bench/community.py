@@ -1,0 +1,102 @@
+"""Benchmark: wall time for a simulated day of a community (``hems demo --homes N``).
+
+Runs :func:`community.community_demo.run_community` for each community size (default 10 and
+50 homes) with the market on, the no-market baseline and the picture off: N real gateways in
+worker processes (one per core), each with its own simulated devices over Modbus TCP, the market
+operator, the DSO and a local broker, for one simulated day.
+
+The simulation speed is not a free knob: a speed the CPU cannot sustain makes cycles start late
+(domain time during which the sites are not controlled) and the bench would time a community that
+was not really run. Unless ``--speed`` is given, the speed comes from
+:func:`community.community_demo.auto_speed` (about half the cores busy), and the figures printed
+next to the wall time say whether the run was healthy: late cycles (%), plans, bids sent before
+the gate, CPU seconds of all processes.
+
+Usage: ``python bench/community.py [--homes 10,50] [--hours 24] [--cycle 5] [--interval 900]
+[--speed S] [--workers W]``. The last stdout line is one JSON object:
+``{"runs": [{"homes", "wall_s", "speed", "cycle_s", "interval_s", "cpu_s", "late_cycle_pct",
+"plans", "bids_sent", "traded_kwh", "episodes_beyond_tolerance"}, ...], "wall_s_<N>": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(os.path.abspath(__file__)).parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _cpu_s() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # joined workers and the broker
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_one(homes: int, args: argparse.Namespace) -> dict[str, Any]:
+    from community.community_demo import CommunityOptions, run_community
+
+    opts = CommunityOptions(homes=homes, sim_hours=args.hours, speed=args.speed,
+                            cycle_s=args.cycle, interval_s=args.interval, workers=args.workers,
+                            start=args.start, baseline=False, picture=False)
+    cpu0, wall0 = _cpu_s(), time.monotonic()
+    r = asyncio.run(run_community(opts))
+    wall = time.monotonic() - wall0
+    cpu = _cpu_s() - cpu0
+    g = r["gateways"]
+    due = max(1, int(args.hours * 3600 / args.cycle) * homes)
+    return {
+        "homes": homes, "wall_s": round(wall, 1), "day_wall_s": r["wall_s"]["community"],
+        "speed": r["speed"], "cycle_s": args.cycle, "interval_s": args.interval,
+        "workers": r["workers"], "cpu_s": round(cpu, 1),
+        "cycles": g["cycles"], "cycles_due": due,
+        "late_cycle_pct": round(100.0 * g["overruns"] / max(1, g["cycles"]), 2),
+        "plans": g["plans"], "fallbacks": g["fallbacks"], "bids_sent": g["bids_sent"],
+        "awards": g["awards"], "traded_kwh": r["market"].get("traded_kwh"),
+        "avg_price": r["market"].get("avg_price"),
+        "episodes_beyond_tolerance": r["envelope"]["episodes_beyond_tolerance"],
+        "max_export_exceedance_w": r["envelope"]["max_export_exceedance_w"],
+        "errors": len(r["errors"]),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--homes", default="10,50", help="comma-separated community sizes")
+    p.add_argument("--hours", type=float, default=24.0)
+    p.add_argument("--cycle", type=float, default=5.0, help="control cycle, simulated s")
+    p.add_argument("--interval", type=int, default=900, help="market interval / plan step, s")
+    p.add_argument("--speed", type=float, default=None, help="default: auto_speed")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--start", default="2026-06-21T00:00:00Z")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    runs = []
+    for n in [int(x) for x in args.homes.split(",") if x.strip()]:
+        r = run_one(n, args)
+        runs.append(r)
+        print(f"{n:3d} homes: {r['wall_s']:7.1f} s wall for {args.hours:g} simulated h "
+              f"(x{r['speed']:g}, cycle {r['cycle_s']:g} s, interval {r['interval_s']} s, "
+              f"{r['workers']} workers); CPU {r['cpu_s']} s; cycles {r['cycles']}/"
+              f"{r['cycles_due']} due, {r['late_cycle_pct']} % late; plans {r['plans']} "
+              f"({r['fallbacks']} fallback); bids {r['bids_sent']}, awards {r['awards']}, "
+              f"traded {r['traded_kwh']} kWh at {r['avg_price']}; envelope episodes beyond "
+              f"tolerance {r['episodes_beyond_tolerance']} (max {r['max_export_exceedance_w']} W)"
+              f"; errors {r['errors']}", flush=True)
+    out: dict[str, Any] = {"runs": runs}
+    for r in runs:
+        out[f"wall_s_{r['homes']}"] = r["wall_s"]
+    print(json.dumps(out, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
