@@ -21,6 +21,7 @@ from gateway import messages
 MODES = ("auto", "self_consumption", "idle", "force_charge", "force_discharge")
 FORCE_MODES = ("force_charge", "force_discharge")
 COMMANDS = ("mode", "reserve")
+MAX_FORCE_S = 604800.0  # a force mode ends within a week: ``duration_s``'s schema maximum
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def handle_command(name: str, payload: bytes, current: ModeState, battery: Batte
                        f"unknown command {name[:40]!r}; known: {', '.join(COMMANDS)}")
     try:
         data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError also covers an integer literal beyond Python's digit limit (not a
+    # JSONDecodeError), reachable when max_bytes is configured above ~4.3 kB.
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         return _reject(name, None, "malformed", f"malformed JSON: {str(e)[:120]}")
     cmd_id = data.get("id") if isinstance(data, dict) else None
     if not isinstance(cmd_id, str) or len(cmd_id) > 64:
@@ -106,17 +109,24 @@ def _mode(data: dict[str, Any], cmd_id: str | None, current: ModeState,
     if ("until" in data) == ("duration_s" in data):
         return _reject("mode", cmd_id, "invalid",
                        f"{mode} needs exactly one end: 'until' (Unix seconds) or 'duration_s'")
-    until = float(data["until"]) if "until" in data else now + float(data["duration_s"])
+    try:
+        until = float(data["until"]) if "until" in data else now + float(data["duration_s"])
+    except OverflowError:  # a JSON integer beyond float range passes the schema's number
+        return _reject("mode", cmd_id, "invalid", "field 'until': number too large")
     if until <= now:
         return _reject("mode", cmd_id, "invalid",
                        f"field 'until': {until:.0f} is not in the future (now {now:.0f})")
+    if until - now > MAX_FORCE_S:
+        # The same bound as duration_s, so 'until' is no way around it.
+        return _reject("mode", cmd_id, "invalid",
+                       f"field 'until': {until - now:.0f} s ahead, at most {MAX_FORCE_S:.0f} s")
     if battery is None:
         return _reject("mode", cmd_id, "limit",
                        "no battery reading yet (no battery configured or not reachable)")
     power = float(data["power_w"])
     limit = battery.max_charge_w if mode == "force_charge" else battery.max_discharge_w
     side = "charge" if mode == "force_charge" else "discharge"
-    if power > limit:
+    if not power <= limit:  # a NaN rating refuses, never admits
         return _reject("mode", cmd_id, "limit",
                        f"power_w {power:g} exceeds the battery's max {side} power {limit:g} W")
     return CommandOutcome("mode", cmd_id, True, None, "applied",

@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,10 @@ _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _INTERVAL = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
 _MAX_OUT = 1000  # queued publications while the broker is away; the oldest go first
 _KEEP_S = 2 * 86400.0  # intervals kept in memory after their delivery ended
+_MAX_INTERVALS = 5000  # held at once: 2 days of 1-minute auctions and more; beyond: refused
+_MAX_AWARD_KWH = 100_000.0  # per interval: the contract's per-site side limit (MAX_SIDE_KWH)
+_CODE = re.compile(r"^[a-z_]{1,32}$")  # an operator's answer code (a counter key)
+_MAX_CODES = 32  # distinct codes counted by name; beyond: counted as "other"
 
 EventSink = Callable[[str, str, str, "dict[str, Any] | None"], None]
 Persist = Callable[[dict[str, Any]], Awaitable[None]]
@@ -165,6 +170,13 @@ class MarketStats:
 
     def reject(self, code: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
+
+    @staticmethod
+    def count(counter: dict[str, int], code: str) -> None:
+        """Count an operator's answer ``code``; a bounded number of distinct keys."""
+        if code not in counter and len(counter) >= _MAX_CODES:
+            code = "other"
+        counter[code] = counter.get(code, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,7 +328,7 @@ def _doc(raw: bytes) -> dict[str, Any]:
 def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     v = doc.get(key)
     if not isinstance(v, str) or (pattern is not None and not pattern.match(v)):
-        raise _Bad("schema", f"field '{key}': expected a valid string, got {v!r}"[:300])
+        raise _Bad("schema", f"field '{key}': expected a valid string, got {reprlib.repr(v)}")
     return v
 
 
@@ -325,10 +337,14 @@ def _num(doc: dict[str, Any], key: str, nullable: bool = False) -> float:
     if v is None and nullable:
         return math.nan
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _Bad("schema", f"field '{key}': expected a number, got {v!r}"[:300])
-    if not math.isfinite(v):
+        raise _Bad("schema", f"field '{key}': expected a number, got {reprlib.repr(v)}")
+    try:
+        f = float(v)  # an integer beyond float range raises OverflowError
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
         raise _Bad("non_finite", f"field '{key}': must be a finite number")
-    return float(v)
+    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +485,12 @@ class MarketAgent:
                                  f"got {gate}, {ds}, {de}")
         if not lo <= hi:
             raise _Bad("schema", f"prices: price_floor {lo} above price_cap {hi}")
+        # Bounded in time, so every interval held is forgotten within days (memory).
+        if de < now - _KEEP_S or gate > now + _KEEP_S or ds - gate > _KEEP_S \
+                or de - ds > _KEEP_S:
+            raise _Bad("out_of_range", f"times {gate}, {ds}, {de}: an auction must end after "
+                                       f"{now - _KEEP_S:.0f}, close by {now + _KEEP_S:.0f} and "
+                                       f"span at most {_KEEP_S:.0f} s from gate to delivery")
         members_raw = doc.get("members")
         members: tuple[str, ...] | None = None
         if members_raw is not None:
@@ -488,6 +510,10 @@ class MarketAgent:
             return
         if members is not None and self.site not in members:
             raise _Bad("not_member", f"this site is not a member of {self.community!r}")
+        if len(self.intervals) >= _MAX_INTERVALS:
+            self._forget(now)
+            if len(self.intervals) >= _MAX_INTERVALS:
+                raise _Bad("too_many", f"{len(self.intervals)} auctions held already")
         self.intervals[iv] = _Interval(a)
         self._save(iv)
         log.info("market: auction %s open until %.0f (%.3f..%.3f)", iv, gate, lo, hi)
@@ -505,6 +531,10 @@ class MarketAgent:
                                  f"buy/sell/none and magnitudes >= 0")
         if side == "none" and kwh != 0:
             raise _Bad("schema", f"award: side none with {kwh} kWh")
+        if kwh > _MAX_AWARD_KWH:
+            # Held as a commitment, it would reach the planner as award_w (W): a finite but
+            # absurd figure there overflows to inf and fails every plan for days.
+            raise _Bad("out_of_range", f"award: {kwh} kWh above {_MAX_AWARD_KWH:.0f} kWh")
         sign = 1.0 if side == "sell" else -1.0 if side == "buy" else 0.0
         award = Award(iv, sign * kwh, None if math.isnan(price) else price, sign * amount)
         st = self.intervals.get(iv)
@@ -531,10 +561,14 @@ class MarketAgent:
     def _on_bid_result(self, doc: dict[str, Any], now: float) -> None:
         self._check_community(doc)
         self._check_site(doc)
-        kind, status, code = _str(doc, "kind"), _str(doc, "status"), _str(doc, "code")
+        kind, status, code = _str(doc, "kind"), _str(doc, "status"), _str(doc, "code", _CODE)
         iv = doc.get("interval_id")
         reason = doc.get("reason")
+        # Only shown (log, event): bounded, whatever the operator put there.
+        reason = reprlib.repr(reason) if not isinstance(reason, str) else reason[:500]
         st = self.intervals.get(iv) if isinstance(iv, str) else None
+        if not isinstance(iv, str):
+            iv = reprlib.repr(iv)
         if kind == "bid":
             if st is not None and doc.get("bid_id") not in (None, st.bid_id):
                 self.stats.duplicates += 1  # the answer to an older revision
@@ -542,8 +576,9 @@ class MarketAgent:
             if status == "accepted":
                 self.stats.bids_accepted += 1
             else:
-                self.stats.bids_refused[code] = self.stats.bids_refused.get(code, 0) + 1
-                log.warning("market: bid %s for %s refused: %s: %s", doc.get("bid_id"), iv,
+                self.stats.count(self.stats.bids_refused, code)
+                log.warning("market: bid %s for %s refused: %s: %s",
+                            reprlib.repr(doc.get("bid_id")), iv,
                             code, reason)
                 self._event("warning", f"bid for {iv} refused: {code}: {reason}")
             if st is not None:
@@ -551,7 +586,7 @@ class MarketAgent:
                 self._save(st.a.interval_id)
         elif kind == "meter":
             if status != "accepted":
-                self.stats.meters_refused[code] = self.stats.meters_refused.get(code, 0) + 1
+                self.stats.count(self.stats.meters_refused, code)
                 log.info("market: meter for %s refused: %s: %s", iv, code, reason)
             if st is not None:
                 st.meter_code = code
@@ -560,7 +595,7 @@ class MarketAgent:
                     self._work.set()
                 self._save(st.a.interval_id)
         else:
-            raise _Bad("schema", f"field 'kind': {kind!r}")
+            raise _Bad("schema", f"field 'kind': {reprlib.repr(kind)}")
 
     def _on_settlement(self, doc: dict[str, Any]) -> None:
         self._check_community(doc)

@@ -156,9 +156,14 @@ class Meter:
     net_export_kwh: float
 
 
+_FLOAT_MAX = 1.7976931348623157e308
+
+
 def _non_finite(v: Any, path: str = "") -> Iterator[str]:
     if isinstance(v, float) and not math.isfinite(v):
         yield path or "payload"
+    elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > _FLOAT_MAX:
+        yield path or "payload"  # a JSON integer no float can hold (float() would raise)
     elif isinstance(v, dict):
         for k, item in v.items():
             yield from _non_finite(item, f"{path}.{k}" if path else str(k))

@@ -117,8 +117,9 @@ class _SunSpecDevice:
 def _req(mv: ModelValues, point: str, device: str) -> float:
     v = mv.num(point)
     if v is None:
-        raise DeviceError(device, f"model {mv.id} point {point} is not implemented (or its "
-                                  f"scale factor is not), but hems needs it")
+        raise DeviceError(device, f"model {mv.id} point {point} is not implemented (or not "
+                                  f"a finite number, or its scale factor is not implemented), "
+                                  f"but hems needs it")
     return v
 
 

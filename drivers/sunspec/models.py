@@ -226,7 +226,9 @@ def decode_raw(p: PointDef, regs: list[int] | tuple[int, ...]) -> int | float | 
         raw = b"".join(struct.pack(">H", r) for r in regs)
         return raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
     if p.type == "float32":
-        return float(struct.unpack(">f", struct.pack(">HH", *regs))[0])
+        v = float(struct.unpack(">f", struct.pack(">HH", *regs))[0])
+        # +-inf is no reading either (NaN, the sentinel, was handled above).
+        return v if math.isfinite(v) else None
     if p.type in ("ipv6addr", "eui48"):
         return "".join(f"{r:04x}" for r in regs)
     return regs_to_int(regs, signed=p.type in _SIGNED)

@@ -34,6 +34,7 @@ from drivers.sunspec.models import (
 )
 
 MAX_SPAN = 125
+SF_MIN, SF_MAX = -10, 10  # the SunSpec range of a sunssf
 
 Value = int | float | str | None
 
@@ -94,6 +95,10 @@ def _resolve_sf(p: PointDef, scope: Mapping[str, Value], outer: Mapping[str, Val
     v = scope.get(p.sf, outer.get(p.sf))
     if v is None or isinstance(v, str | float):
         return None
+    if not SF_MIN <= v <= SF_MAX:
+        # 10.0**32767 overflows, and +-11.. is no meter's scale: the device is garbling.
+        raise ValueError(f"point {p.name}: scale factor {p.sf} = {v} outside "
+                         f"{SF_MIN}..{SF_MAX}")
     return int(v)
 
 
@@ -176,18 +181,21 @@ def decode_model(
             f"{mdef.fixed_size}"
         )
     points = mdef.points if only is None else _selection(loc.id, frozenset(only))
-    values, raw, sfs = _decode_points(points, regs, 0, {})
-    groups: dict[str, list[dict[str, Value]]] = {}
-    if mdef.groups and only is None:
-        extra = min(len(regs), loc.size) - mdef.fixed_size
-        off = mdef.fixed_size
-        for g, n in zip(mdef.groups, _group_counts(mdef, raw, extra), strict=True):
-            inst: list[dict[str, Value]] = []
-            for _ in range(n):
-                gv, _gr, _gs = _decode_points(g.points, regs, off, raw)
-                inst.append(gv)
-                off += g.size
-            groups[g.name] = inst
+    try:
+        values, raw, sfs = _decode_points(points, regs, 0, {})
+        groups: dict[str, list[dict[str, Value]]] = {}
+        if mdef.groups and only is None:
+            extra = min(len(regs), loc.size) - mdef.fixed_size
+            off = mdef.fixed_size
+            for g, n in zip(mdef.groups, _group_counts(mdef, raw, extra), strict=True):
+                inst: list[dict[str, Value]] = []
+                for _ in range(n):
+                    gv, _gr, _gs = _decode_points(g.points, regs, off, raw)
+                    inst.append(gv)
+                    off += g.size
+                groups[g.name] = inst
+    except ValueError as e:
+        raise ValueError(f"model {loc.id} at {loc.address}: {e}") from None
     return ModelValues(loc.id, loc.address, loc.length, mdef.name, values, raw, sfs, groups)
 
 
