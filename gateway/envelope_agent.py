@@ -106,6 +106,10 @@ class AgentSettings:
     max_bytes: int = 262_144
     max_controls_per_doc: int = 500
     status_interval_s: float = 60.0  # domain s between status publications (and on change)
+    # A limit that tightens within this many domain seconds applies now: a cycle and the
+    # inverter's response later the site is compliant *at* the control's start, not after it.
+    # Loosening is never anticipated.
+    lead_s: float = 10.0
 
 
 @dataclass
@@ -518,7 +522,7 @@ class EnvelopeAgent:
             self._ack(c.id, "started", now, None)
         if done or started:
             self._persist()
-        target = self.schedule.active(now)
+        target = self._anticipated(self.schedule.active(now), now)
         self.target = target
         eff = target if self._ramp is None else self._ramp.apply(target, now)
         self.active = eff
@@ -539,6 +543,17 @@ class EnvelopeAgent:
             self._status_due = True
             self.wake.set()
         return eff
+
+    def _anticipated(self, target: ActiveLimits, now: float) -> ActiveLimits:
+        """``target`` tightened by the limits of the next change if it is within ``lead_s``."""
+        nc = target.next_change
+        lead = self.settings.lead_s
+        if lead <= 0 or nc is None or nc - now > lead:
+            return target
+        ahead = self.schedule.active(nc).limits
+        tighter = Limits(**{n: _min_limit(target.limits.get(n), ahead.get(n))
+                            for n in LIMIT_NAMES})
+        return target if tighter == target.limits else replace(target, limits=tighter)
 
     def step(self, state: SiteState, desired: Commanded | None, connected: bool) -> Commanded:
         """This cycle's setpoints: the envelope (and device limits) applied to ``desired``.
@@ -723,3 +738,12 @@ def agent_settings(env: EnvelopeSection) -> AgentSettings:
         flood_per_min=env.flood_per_min,
         status_interval_s=env.status_interval_s,
     )
+
+
+def _min_limit(a: float | None, b: float | None) -> float | None:
+    """The tighter of two limits (``None`` = not limited)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

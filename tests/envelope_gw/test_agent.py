@@ -311,3 +311,19 @@ def test_property_hostile_messages_never_loosen_what_valid_messages_imply(data: 
             # never looser: unlimited only if valid messages leave it unlimited, else <= it
             assert w is None or (g is not None and g <= w), (dt, name, g, w)
         assert got == want  # in fact hostile messages change nothing at all
+
+
+def test_a_tightening_applies_lead_s_before_its_start_a_loosening_does_not() -> None:
+    """Compliant *at* the start of a control: a cycle and the inverter's response must already
+    be behind us when it begins. Its end (a loosening) is not anticipated."""
+    a = make_agent()  # lead_s = 10 domain s
+    a.on_message(T_DEFAULT, default_doc(default("d1", NOW - 100, export_w=4000), NOW - 50), NOW)
+    a.on_message(T_CONTROLS, controls_doc(
+        [control("c1", NOW + 60, 120, NOW - 1, export_w=0)], NOW), NOW)
+    assert export_now(a, NOW + 45) == 4000.0  # 15 s before: not yet
+    assert export_now(a, NOW + 52) == 0.0  # 8 s before: tightened already
+    assert a.target is not None and a.target.source == "default"  # the DSO's view unchanged
+    assert all(x["status"] != "started" for x in acks(a) if x["control_id"] == "c1")
+    assert export_now(a, NOW + 60) == 0.0
+    assert export_now(a, NOW + 175) == 0.0  # 5 s before the end: still held
+    assert export_now(a, NOW + 180) == 4000.0
