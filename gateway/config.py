@@ -92,6 +92,11 @@ class ControlConfig:
     default_mode: str = "auto"
     read_timeout_s: float = 2.0  # real seconds, bounds one device read
     startup_grace_s: float = 15.0  # real seconds before READY=1 in a degraded state
+    # Consecutive cycles without a usable meter reading before the failsafe assumes zero load
+    # and curtails PV to the export limit (+ battery charge). 3: a single dropped reply or a
+    # reconnect does not cut PV, and at cycle_s 1 s with 2 s read timeouts the failsafe is in
+    # force ~6 s after the meter died, inside the 15 s containment of AS/NZS 4777.2.
+    meter_loss_cycles: int = 3
 
 
 @dataclass(frozen=True)
@@ -459,7 +464,7 @@ def _parse_control(c: Mapping[str, Any], r: _Reader) -> ControlConfig:
 
     p = "control"
     r.unknown(c, {"cycle_s", "revert_s", "reserve_soc_pct", "default_mode", "read_timeout_s",
-                  "startup_grace_s"}, p)
+                  "startup_grace_s", "meter_loss_cycles"}, p)
     cycle = r.get(c, "cycle_s", p, float, 1.0, check=_range(0.1, 60.0))
     revert = r.get(c, "revert_s", p, float, 60.0, check=_range(2.0, 3600.0))
     if revert < 4 * cycle:
@@ -476,6 +481,7 @@ def _parse_control(c: Mapping[str, Any], r: _Reader) -> ControlConfig:
                               "command)" if m in MODES else "")),
         read_timeout_s=r.get(c, "read_timeout_s", p, float, 2.0, check=_range(0.1, 30.0)),
         startup_grace_s=r.get(c, "startup_grace_s", p, float, 15.0, check=_range(0.0, 600.0)),
+        meter_loss_cycles=r.get(c, "meter_loss_cycles", p, int, 3, check=_range(1, 30)),
     )
 
 

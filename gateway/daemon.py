@@ -9,7 +9,10 @@ Tasks (all in one asyncio process, see :mod:`gateway.supervisor`):
   parallel (bounded real-time timeouts), compute setpoints through ONE policy function
   (:func:`gateway.commands.rule_setpoints` today; plan-following + envelope enforcement later),
   write them with the devices' revert timers (re-sent within half the revert time), fold the
-  readings into the telemetry aggregator and beat the watchdog heart.
+  readings into the telemetry aggregator and beat the watchdog heart. With an envelope, a meter
+  lost for ``control.meter_loss_cycles`` cycles puts it in the failsafe (zero load assumed,
+  :meth:`Gateway._meter_failsafe`); a device whose values froze still gets its last setpoint
+  re-sent (it takes writes, and its revert timer must not lift a limit on stale readings).
 * ``store-writer``: commits the buffered records/events once per ``store.commit_interval_s``
   (batched: few writes on the SD card), runs retention hourly.
 * ``mqtt``: :class:`gateway.mqtt.MqttSession` (store-and-forward publisher, state, commands).
@@ -43,7 +46,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drivers.clock import Clock, WallClock
@@ -59,6 +62,7 @@ from drivers.natures import (
 from gateway import messages
 from gateway.commands import ModeState, Setpoints, SiteState, handle_command, rule_setpoints
 from gateway.config import Config, ConfigError, DeviceConfig, load_config
+from gateway.enforce import EnforceInputError, Failsafe, meter_loss_failsafe, resume_limit_pct
 from gateway.envelope_agent import EnvelopeAgent, agent_settings
 from gateway.messages import Topics
 from gateway.mqtt import MqttSession
@@ -118,6 +122,8 @@ class GatewayStats:
     battery_writes: int = 0
     envelope: dict[str, Any] = field(default_factory=dict)  # AgentStats with [envelope]
     market: dict[str, Any] = field(default_factory=dict)  # MarketStats with [market]
+    meter_failsafe_entries: int = 0  # times the meter-loss failsafe took over
+    meter_failsafe_cycles: int = 0  # cycles run under it
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,6 +144,7 @@ class _Slot:
     retry_at: float = 0.0  # real monotonic
     backoff_s: float = 1.0
     injected: bool = False
+    frozen: bool = False  # failing because its values froze: it still takes writes
 
 
 class Gateway:
@@ -168,6 +175,9 @@ class Gateway:
         self.setpoint: Setpoints | None = None
         self._sent_bat: tuple[float, float] | None = None  # (w, domain ts) last written
         self._sent_inv: tuple[float, float] | None = None
+        self._meter_missing = 0  # consecutive cycles without a usable meter reading
+        self._failsafe: Failsafe | None = None  # in force: the meter is lost (gateway.enforce)
+        self._resume: tuple[float, float] | None = None  # (pct, ts): PV limit ramping back up
         self.pending = Batch()
         self._next_seq = 1
         self._committed_seq = 0
@@ -352,6 +362,7 @@ class Gateway:
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.poll_errors += 1
             self._device_failed(slot, e)
+            slot.frozen = False
             self.guard.after_io(kind, slot.dev, None)
             return None
         self.guard.after_io(kind, slot.dev, reading)
@@ -361,7 +372,9 @@ class Gateway:
             self.stats.poll_errors += 1
             self._device_failed(slot, DeviceError(getattr(slot.dev, "name", kind),
                                                   verdict.reject))
+            slot.frozen = verdict.frozen
             return None
+        slot.frozen = False
         if verdict.note is not None:
             log.warning("device %s", verdict.note)
             self.event("warning", "device", verdict.note)
@@ -422,6 +435,7 @@ class Gateway:
         if self.envelope is not None:
             connected = self.mqtt is not None and self.mqtt.connected.is_set()
             sp = self.envelope.step(state, sp, connected)
+            sp = self._meter_failsafe(state, sp, t)
         await self._apply(sp, state, t)
         self.setpoint = sp
         self.live = state
@@ -444,6 +458,14 @@ class Gateway:
         # Re-send no later than half the revert time (the check runs once per cycle).
         resend = max(revert / 2 - self.cfg.control.cycle_s, self.cfg.control.cycle_s)
         slot = self.slots.get("battery")
+        if (slot is not None and slot.dev is not None and state.battery is None and slot.frozen
+                and self._sent_bat is not None and t - self._sent_bat[1] >= resend):
+            # Frozen values, but it still takes writes: hold the last setpoint (re-sent, so its
+            # revert timer does not hand it back to its own mode on stale information).
+            w = self._sent_bat[0]
+            if await self._write(slot.dev.set_power(w, revert), "battery power (held)"):
+                self._sent_bat = (w, t)
+                self.stats.battery_writes += 1
         if slot is not None and slot.dev is not None and state.battery is not None:
             bat: Battery = slot.dev
             if sp.battery_w is None:
@@ -460,6 +482,15 @@ class Gateway:
                     self._sent_bat = (sp.battery_w, t)
                     self.stats.battery_writes += 1
         islot = self.slots.get("inverter")
+        if (islot is not None and islot.dev is not None and state.inverter is None
+                and islot.frozen and self._sent_inv is not None
+                and t - self._sent_inv[1] >= resend):
+            # Frozen, still taking writes: the held limit is re-sent, or its revert timer would
+            # lift it (a looser limit) while we cannot see its output.
+            pct = self._sent_inv[0]
+            if await self._write(islot.dev.set_limit_pct(pct, revert), "inverter limit (held)"):
+                self._sent_inv = (pct, t)
+                self.stats.inverter_writes += 1
         if (islot is not None and islot.dev is not None and state.inverter is not None
                 and sp.inverter_limit_pct is not None):
             inv: Inverter = islot.dev
@@ -473,6 +504,75 @@ class Gateway:
             if due and await self._write(inv.set_limit_pct(pct, revert), "inverter limit"):
                 self._sent_inv = (pct, t)
                 self.stats.inverter_writes += 1
+
+    def _meter_failsafe(self, state: SiteState, sp: Setpoints, t: float) -> Setpoints:
+        """Without the meter for ``control.meter_loss_cycles`` cycles, assume zero load and
+        curtail PV to the export limit (+ the battery's charge): a load switching off during the
+        outage can then not push the export over it (:func:`gateway.enforce.meter_loss_failsafe`).
+        When the meter reads again, the curtailment is lifted at the envelope's ramp rate
+        (:func:`gateway.enforce.resume_limit_pct`). One event each way."""
+        env = self.envelope
+        assert env is not None
+        if state.meter is None:
+            self._meter_missing += 1
+            self._resume = None
+            if self._meter_missing < self.cfg.control.meter_loss_cycles or env.active is None:
+                return sp
+            try:
+                fs = meter_loss_failsafe(state.inverter, state.battery, env.active.limits,
+                                         sp.battery_w, sp.inverter_limit_pct, env.enforce_config)
+            except EnforceInputError as e:
+                log.warning("meter failsafe: cannot compute this cycle: %s", e)
+                return sp
+            if fs is None:  # no export limit: nothing to protect
+                if self._failsafe is not None:
+                    self._failsafe = None
+                    self.event("info", "failsafe", "meter still lost, but no export limit is "
+                                                   "in force: failsafe curtailment ended")
+                return sp
+            if self._failsafe is None:
+                self.stats.meter_failsafe_entries += 1
+                msg = f"meter lost: failsafe curtailment to {fs.pv_cap_w:.0f} W"
+                log.warning("%s (%s)", msg, fs.reason)
+                self.event("warning", "failsafe", msg,
+                           {"pv_cap_w": round(fs.pv_cap_w, 1), "reason": fs.reason,
+                            "cycles": self._meter_missing})
+            self._failsafe = fs
+            self.stats.meter_failsafe_cycles += 1
+            return Setpoints(
+                battery_w=sp.battery_w if fs.battery_w is None else round(fs.battery_w, 1),
+                inverter_limit_pct=(sp.inverter_limit_pct if fs.inverter_limit_pct is None
+                                    else fs.inverter_limit_pct))
+        self._meter_missing = 0
+        if self._failsafe is not None:
+            fs, self._failsafe = self._failsafe, None
+            if fs.inverter_limit_pct is not None:
+                self._resume = (fs.inverter_limit_pct, t)
+            msg = (f"meter reads again: failsafe ended, PV limit ramps up from "
+                   f"{fs.pv_cap_w:.0f} W")
+            log.info("%s", msg)
+            self.event("info", "failsafe", msg)
+        if self._resume is None:
+            return sp
+        pct = sp.inverter_limit_pct
+        if pct is None:
+            self._resume = None
+            return sp
+        from_pct, t0 = self._resume
+        cycle = self.cfg.control.cycle_s
+        # Bounded: a clock step must not complete the ramp at once.
+        dt = min(max(0.0, t - t0), 5 * cycle)
+        need = -float("inf")
+        last, lim = env.last, env.active.limits if env.active is not None else None
+        if (last is not None and lim is not None and lim.import_w is not None
+                and state.inverter is not None and sp.battery_w is not None):
+            need = (last.load_w + sp.battery_w - lim.import_w) / state.inverter.max_w * 100.0
+        new = resume_limit_pct(pct, from_pct, dt, env.settings.ramp_pct_per_min, need)
+        if new >= pct:
+            self._resume = None  # caught up with normal control
+            return sp
+        self._resume = (new, t)
+        return replace(sp, inverter_limit_pct=round(new, 2))
 
     async def _write(self, aw: Awaitable[None], what: str) -> bool:
         try:

@@ -29,6 +29,10 @@ its measured output ``ac_w`` capped by the new limit. When the inverter is *clip
 below 100 % is in force and ``ac_w >= limit_w - tolerance_w`` -- PV may rise to the new cap, so
 the export side is predicted with PV at the cap (``predicted_site_min_w``) and the import side
 with PV at its current output (``predicted_site_w``).
+
+Without a meter the loop cannot close: :func:`meter_loss_failsafe` gives the setpoints for the
+worst case (zero load) under the export limit, and :func:`resume_limit_pct` lifts that
+curtailment at the envelope's ramp rate once the meter is back.
 """
 
 from __future__ import annotations
@@ -269,3 +273,146 @@ def enforce(
         load_w=load,
         exceedance_w=exceedance,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Without a meter: the failsafe
+
+
+@dataclass(frozen=True, slots=True)
+class Failsafe:
+    """What to write while the meter is lost (see :func:`meter_loss_failsafe`).
+
+    ``inverter_limit_pct``: % of the inverter's ``max_w`` (None: no inverter reading, nothing to
+    write); ``battery_w``: + charge / - discharge (None: the battery cannot be commanded this
+    cycle). ``pv_cap_w`` is the PV output the limit allows; ``charge_credit_w`` (>= 0) the
+    battery charge counted as absorbing PV, ``discharge_w`` (>= 0) the battery discharge that may
+    go on (commanded, or a battery we cannot reach still running its last command).
+    ``compliant`` is False when even PV at 0 cannot hold the limit (a discharge we cannot stop
+    exceeds it); ``reason`` says what was assumed."""
+
+    inverter_limit_pct: float | None
+    battery_w: float | None
+    pv_cap_w: float
+    charge_credit_w: float
+    discharge_w: float
+    compliant: bool
+    reason: str
+
+
+def meter_loss_failsafe(
+    inverter: InverterReading | None,
+    battery: BatteryReading | None,
+    limits: Limits,
+    held_battery_w: float | None,
+    held_limit_pct: float | None,
+    config: EnforceConfig | None = None,
+) -> Failsafe | None:
+    """Setpoints that keep the site inside the export limit whatever the household load does,
+    for a fast loop that has lost its meter. ``None`` when there is no export limit (nothing
+    to protect: the held setpoints stay).
+
+    Without a meter the load is unknown, and a load switching off turns everything it consumed
+    into export. So the worst case -- zero load -- is assumed: the site then exports
+    ``PV + discharge - charge``, and the PV limit is set so that it cannot exceed the export
+    limit (nor the generation limit, ``PV + discharge``):
+
+    * battery readable (``battery`` given): it is commanded at its held setpoint
+      (``held_battery_w``; None = idle at 0 W), clamped to :func:`battery_range`. A charge is
+      credited only as far as the battery *measures* it (a full battery charging nothing absorbs
+      nothing): ``charge_credit_w = min(commanded, measured)``. A discharge goes on up to the
+      export (and generation) limit -- it serves a load the gateway cannot see, and stopping it
+      could push the import over an import limit -- and PV gets what it leaves;
+    * battery not readable: it cannot be commanded and is credited no charge; a discharge it was
+      last commanded counts as going on (until its own revert timer ends it);
+    * PV limit = ``export limit + charge credit - discharge`` (and ``generation - discharge``),
+      in ``[0, max_w]``, never looser than ``held_limit_pct``. No floor (``min_limit_pct``)
+      applies: the DSO limit outranks an inverter going to standby at 0 %.
+
+    Property: ``pv_cap_w + discharge_w - charge_credit_w <= export limit`` and
+    ``pv_cap_w + discharge_w <= generation limit`` unless ``compliant`` is False (then
+    ``pv_cap_w`` is 0). Raises :class:`EnforceInputError` on unusable readings."""
+    cfg = config or EnforceConfig()
+    E, G = limits.export_w, limits.generation_w
+    if E is None:
+        return None
+    _finite("limits.export_w", E)
+    if G is not None:
+        _finite("limits.generation_w", G)
+    max_w = math.inf
+    if inverter is not None:
+        _finite("inverter.ac_w", inverter.ac_w)
+        max_w = _finite("inverter.max_w", inverter.max_w)
+        if max_w <= 0:
+            raise EnforceInputError(f"inverter.max_w must be > 0, got {max_w}")
+    if held_battery_w is not None:
+        _finite("held_battery_w", held_battery_w)
+    if held_limit_pct is not None:
+        _finite("held_limit_pct", held_limit_pct)
+
+    total = E if G is None else min(E, G)  # PV + discharge may not exceed this at zero load
+    credit = 0.0
+    discharge = 0.0
+    b_out: float | None = None
+    if battery is not None:
+        b_meas = _finite("battery.w", battery.w)
+        for name in ("soc_pct", "max_charge_w", "max_discharge_w"):
+            _finite(f"battery.{name}", getattr(battery, name))
+        bmin, bmax = battery_range(battery, limits, cfg)
+        b = _clamp(held_battery_w if held_battery_w is not None else 0.0, bmin, bmax)
+        if b >= 0.0:
+            credit = min(b, max(0.0, b_meas))
+            total = E + credit if G is None else min(E + credit, G)
+        else:
+            # It serves a load we cannot see (stopping it could push the import over an import
+            # limit): it keeps discharging up to what the limit allows on its own, and PV is
+            # limited to what is left (little in the evening, when batteries discharge).
+            discharge = min(-b, max(0.0, total))
+            b = -discharge
+        b_out = b
+    elif held_battery_w is not None and held_battery_w < 0.0:
+        discharge = -held_battery_w  # out of reach: assume its last command still runs
+    cap = max(0.0, min(max_w, total - discharge))
+    compliant = discharge <= total + _EPS
+    pct: float | None = None
+    if inverter is not None:
+        pct = _clamp(cap / max_w * 100.0, 0.0, 100.0)
+        if held_limit_pct is not None and held_limit_pct < pct:
+            pct = max(0.0, held_limit_pct)
+        cap = pct / 100.0 * max_w
+    reason = (
+        f"meter lost: zero load assumed; PV limited to {cap:.0f} W = export limit {E:.0f} W"
+        + (f" + battery charge {credit:.0f} W" if credit > 0 else "")
+        + (f" - battery discharge {discharge:.0f} W" if discharge > 0 else "")
+        + (f" (generation limit {G:.0f} W)" if G is not None else "")
+    )
+    if not compliant:
+        reason += (f"; a discharge of {discharge:.0f} W that cannot be stopped exceeds the "
+                   f"limit")
+    return Failsafe(
+        inverter_limit_pct=pct,
+        battery_w=b_out,
+        pv_cap_w=cap,
+        charge_credit_w=credit,
+        discharge_w=discharge,
+        compliant=compliant,
+        reason=reason,
+    )
+
+
+def resume_limit_pct(
+    target_pct: float,
+    from_pct: float,
+    dt_s: float,
+    ramp_pct_per_min: float,
+    need_pct: float = -math.inf,
+) -> float:
+    """The inverter limit (%) one cycle after the failsafe ended: ``target_pct`` (what
+    :func:`enforce` wants now), reached from ``from_pct`` at no more than ``ramp_pct_per_min``
+    percentage points per minute of domain time (the envelope's AS/NZS 4777.2 ramp, applied to
+    the failsafe's curtailment being lifted). Tightening is never delayed; ``need_pct`` is how
+    far the import limit needs PV now, which is not delayed either (as in :func:`enforce`)."""
+    if target_pct <= from_pct:
+        return target_pct
+    step = max(0.0, ramp_pct_per_min) * max(0.0, dt_s) / 60.0
+    return min(target_pct, max(from_pct + step, need_pct))
