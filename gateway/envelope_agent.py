@@ -126,6 +126,7 @@ class AgentStats:
     acks_dropped: int = 0
     enforce_errors: int = 0
     noncompliant_cycles: int = 0  # cycles where enforce() said the devices cannot comply
+    repeated_meter_holds: int = 0  # cycles a repeated meter reading kept the PV limit down
     exceedance_events: int = 0
     exceedance_s: float = 0.0
     max_export_exceedance_w: float = 0.0
@@ -245,6 +246,7 @@ class EnvelopeAgent:
         self._ramp: LimitRamp | None = None
         self._prev: Setpoints | None = None
         self._out: Commanded | None = None
+        self._meter_key: tuple[Any, ...] | None = None
         self.target: ActiveLimits | None = None  # what the DSO asks now (before the ramp)
         self.active: ActiveLimits | None = None  # effective (ramped) limits of the last cycle
         self.last: Setpoints | None = None
@@ -583,6 +585,19 @@ class EnvelopeAgent:
             self.stats.enforce_errors += 1
             log.warning("envelope: cannot enforce this cycle: %s; holding the last setpoints", e)
             return self._out or Commanded(None)
+        m = state.meter
+        key = (m.site_w, m.phases_w, m.import_wh, m.export_wh, m.voltage_v, m.freq_hz)
+        repeated, self._meter_key = key == self._meter_key, key
+        held = self._out
+        if (repeated and held is not None and held.inverter_limit_pct is not None
+                and sp.inverter_limit_pct is not None
+                and sp.inverter_limit_pct > held.inverter_limit_pct):
+            # A reading bit-identical to the last one says nothing about what our last change
+            # did (a frozen or slow meter): never raise PV on it; tightening still goes through.
+            # Without this a frozen reading just inside the limit winds the PV limit up cycle
+            # after cycle until the frozen-meter check trips.
+            self.stats.repeated_meter_holds += 1
+            sp = replace(sp, inverter_limit_pct=held.inverter_limit_pct)
         self._prev = sp
         self.last = sp
         if not sp.compliant:

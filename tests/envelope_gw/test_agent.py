@@ -327,3 +327,29 @@ def test_a_tightening_applies_lead_s_before_its_start_a_loosening_does_not() -> 
     assert export_now(a, NOW + 60) == 0.0
     assert export_now(a, NOW + 175) == 0.0  # 5 s before the end: still held
     assert export_now(a, NOW + 180) == 4000.0
+
+
+def _curtailed(t: float, site_w: float, pv_w: float, pct: float) -> SiteState:
+    return SiteState(
+        t, MeterReading(t, site_w, (None, None, None), None, None),
+        InverterReading(t, pv_w, None, 5000.0, 5000.0, pct, True, None, None), None)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_repeated_meter_reading_never_raises_the_pv_limit(frozen: bool) -> None:
+    """A meter stuck just inside the export limit shows room that is not there: the PV limit
+    must not wind up on it (only a reading that changed is evidence)."""
+    a = make_agent(fallback=Limits(export_w=500.0))
+    pct = 20.0
+    first: float | None = None
+    for k in range(10):
+        site = -445.0 if frozen else -445.0 + 0.5 * (k % 2)
+        out = a.step(_curtailed(NOW + k, site, 50.0 * pct, pct), None, connected=True)
+        assert out.inverter_limit_pct is not None
+        first = out.inverter_limit_pct if first is None else first
+        pct = out.inverter_limit_pct
+    assert first is not None
+    if frozen:
+        assert pct == first and a.stats.repeated_meter_holds == 9
+    else:
+        assert pct > first and a.stats.repeated_meter_holds == 0
