@@ -80,7 +80,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sim_hours=args.hours,
         homes=args.homes,
         speed=args.speed or 1440.0,
-        cycle_s=args.cycle,
+        cycle_s=args.cycle or 5.0,
         start=args.start,
         out_dir=args.out,
         broker=args.broker,
@@ -107,7 +107,7 @@ def _cmd_community(args: argparse.Namespace) -> int:
 
     try:
         opts = CommunityOptions(
-            homes=args.homes, sim_hours=args.hours, speed=args.speed, cycle_s=args.cycle,
+            homes=args.homes, sim_hours=args.hours, speed=args.speed, cycle_s=args.cycle or 10.0,
             start=args.start, out_dir=args.out, broker=args.broker, workers=args.workers,
             interval_s=args.interval, baseline=not args.no_baseline,
             picture=not args.no_picture)
@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, default=None,
                    help="simulated seconds per real second (default: 1440 for one home; "
                         "chosen from the CPU work for a community)")
-    s.add_argument("--cycle", type=float, default=5.0, help="control cycle, simulated seconds")
+    s.add_argument("--cycle", type=float, default=None,
+                   help="control cycle, simulated seconds (default: 5 for one home, 10 for a "
+                        "community)")
     s.add_argument("--workers", type=int, default=None,
                    help="community: gateway processes (default: one per CPU core)")
     s.add_argument("--interval", type=int, default=900,

@@ -59,7 +59,16 @@ def bid_curve(
     market_weight = x.market_weight.copy()
     market_weight[step] = 1.0
     raw = np.empty(p.size)
+    # Without storage nothing moves energy between steps, and at a positive price curtailing PV
+    # never pays (unless to meet an award, hence no award at the step): the net position of the
+    # step is the same at every price (net load, or what the envelope forces), so one solve
+    # gives the whole (flat) curve. At a price of 0 curtailing is a tie: solved as usual.
+    flat = (x.battery.capacity_wh <= 0.0 and p[0] > 0.0
+            and (x.award_w is None or x.award_w[step] == 0.0))
     for i, price in enumerate(p):
+        if flat and i > 0:
+            raw[i] = raw[0]
+            continue
         market_price[step] = price
         plan = solve_plan(
             x.with_market(market_price.copy(), market_weight.copy()), time_limit_s=time_limit_s

@@ -116,3 +116,22 @@ def test_expected_market_price_moves_the_plan() -> None:
     )
     assert base.export_w[5] == pytest.approx(0.0, abs=1e-3)
     assert with_market.export_w[5] == pytest.approx(2400.0, abs=1e-3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_inputs(), st.integers(0, 23))
+def test_without_storage_the_one_solve_curve_equals_solving_every_price(x: PlanInputs,
+                                                                        k: int) -> None:
+    """The flat-curve shortcut for homes without a battery (one solve instead of one per price)
+    gives what solving at every positive price gives."""
+    from dataclasses import replace
+
+    from gateway.optimize.inputs import NO_BATTERY
+
+    k = k % x.steps
+    x = replace(x, battery=NO_BATTERY)
+    prices = [0.01, 0.08, 0.19, 0.3]
+    curve = bid_curve(x, k, prices)
+    for p, got in zip(prices, curve.raw_net_export_wh, strict=True):
+        one = bid_curve(x, k, [p])  # a single price: always solved
+        assert got == pytest.approx(float(one.raw_net_export_wh[0]), abs=1e-3)
