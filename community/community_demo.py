@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from community.scenarios import stress_day
+from community.scenarios import STRESS_WINDOWS, StressDay, stress_day
 from firmware_sim.home import HomeConfig
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,17 @@ class HomeSpec:
     site: str
     kind: str
     config: HomeConfig
+
+
+def site_day(site: str, kind: str, day_start: float) -> StressDay:
+    """The DSO's day for a member: the default (5 kW export) for everyone, the stress day's
+    export windows for homes with PV and its evening import window only for homes with a battery
+    (an envelope constrains what a site can control: a DSO does not send an import limit to a
+    home with nothing to dispatch, and an export limit means nothing without generation)."""
+    windows = tuple(w for w in STRESS_WINDOWS
+                    if (w.limit == "export_w" and kind != "none")
+                    or (w.limit == "import_w" and kind == "pv+battery"))
+    return stress_day(site, day_start, windows=windows)
 
 
 def home_mix(n: int) -> list[HomeSpec]:
@@ -259,7 +270,7 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
         runs = []
         for spec in job.homes:
             sim = await stack.enter_async_context(run_home(clock, spec.config))
-            day = stress_day(spec.site, job.day_start)
+            day = site_day(spec.site, spec.kind, job.day_start)
             obs = EnvelopeObserver(sim.physics, clock, day.limits_at, job.tolerance_w,
                                    step_s=job.envelope_sample_s)
             smp = _Samples()
@@ -427,7 +438,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         epoch = time.time() + 1.0
         clock = SimClock(start=start, speed=speed, epoch=epoch)
         stop = asyncio.Event()
-        days = [stress_day(s.site, day_start) for s in specs]
+        days = [site_day(s.site, s.kind, day_start) for s in specs]
         pub = DsoPublisher(broker.url, key, clock, [d.schedule() for d in days],
                            identifier=f"hems-community-dso-{tag}")
         pub_task = asyncio.create_task(pub.run(stop))
@@ -583,8 +594,8 @@ def _edges(start: float, end: float, interval_s: int) -> np.ndarray:
     return e
 
 
-def _limit_series(site: str, day_start: float, t: Floats, name: str) -> list[float]:
-    day = stress_day(site, day_start)
+def _limit_series(site: str, kind: str, day_start: float, t: Floats, name: str) -> list[float]:
+    day = site_day(site, kind, day_start)
     out = []
     for x in t:
         v = day.limits_at(float(x)).get(name)
@@ -609,7 +620,7 @@ def _home_costs(h: dict[str, Any], edges: np.ndarray, opts: CommunityOptions, da
 def _fit_only(h: dict[str, Any], edges: np.ndarray, opts: CommunityOptions,
               day_start: float) -> float:
     s = h["samples"]
-    lim = _limit_series(h["site"], day_start, s["t"], "export_w")
+    lim = _limit_series(h["site"], h["kind"], day_start, s["t"], "export_w")
     net = fit_only_net_export_kwh(s["t"], s["load_wh"], s["pv_avail_wh"], lim, edges)
     return bill(net, opts.price_floor, opts.price_cap)
 
@@ -759,8 +770,8 @@ def _picture(run: _DayRun, bills: dict[str, dict[str, float]], opts: CommunityOp
         homes.append(HomeSeries(
             site=h["site"], kind=h["kind"], load_w=on_t("load_w"), pv_w=on_t("pv_w"),
             battery_w=on_t("battery_w"), site_w=on_t("site_w"), soc_pct=on_t("soc_pct"),
-            export_limit_w=_limit_series(h["site"], day_start, t, "export_w"),
-            import_limit_w=_limit_series(h["site"], day_start, t, "import_w")))
+            export_limit_w=_limit_series(h["site"], h["kind"], day_start, t, "export_w"),
+            import_limit_w=_limit_series(h["site"], h["kind"], day_start, t, "import_w")))
     auctions = [AuctionRow(start=a["start"], end=a["end"], price=a["price"],
                            volume_kwh=a["volume_kwh"]) for a in run.auctions]
     series = DaySeries(t=list(t), homes=homes, auctions=auctions, price_floor=opts.price_floor,

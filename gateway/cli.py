@@ -126,7 +126,9 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
             days=args.days, homes=args.homes, first_home=args.first_home, source=args.data,
             start_day=args.start_day, step_s=args.step, tariff=args.tariff, pv_site=args.pv_site,
             pv_kwp=args.pv_kwp, battery_kwh=args.battery_kwh, battery_kw=args.battery_kw,
-            seed=args.seed, workers=args.workers,
+            seed=args.seed, workers=args.workers, load_forecast=args.load_forecast,
+            pv_forecast=args.pv_forecast, pv_forecast_file=args.pv_forecast_file,
+            pv_forecast_sigma=args.pv_forecast_sigma,
         )
         report = run_backtest(opts)
     except ValueError as e:
@@ -245,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=0, help="processes (0 = up to 2)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--load-forecast", default="own", choices=("own", "perfect"),
+                   help="own | perfect (ORACLE, diagnosis only)")
+    s.add_argument("--pv-forecast", default="own", choices=("own", "external", "perfect"),
+                   help="own | external (--pv-forecast-file, else a labelled synthetic day-ahead "
+                        "forecast) | perfect (ORACLE, diagnosis only)")
+    s.add_argument("--pv-forecast-file", default=None,
+                   help="CSV issued_at,timestamp,watts (epoch s of the profile year)")
+    s.add_argument("--pv-forecast-sigma", type=float, default=0.3,
+                   help="daily clear-sky-index error of the synthetic forecast")
     s.set_defaults(func=_cmd_backtest)
     return p
 

@@ -149,6 +149,9 @@ class PlannerConfig:
     battery_efficiency: float = 0.95  # one-way, charge and discharge alike
     degradation_per_kwh: float = 0.0
     terminal_value_per_kwh: float | None = None  # None: the cheapest import price in the horizon
+    # An external PV forecast (a weather service's, written by any tool): CSV
+    # ``timestamp,watts`` or JSON, re-read at every plan; stale, short or broken -> own forecast.
+    pv_forecast_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -561,7 +564,7 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
     r.unknown(t, {"enabled", "step_s", "horizon_s", "budget_ms", "timezone", "lat", "lon",
                   "pv_kwp", "pv_tilt_deg", "pv_azimuth_deg", "pv_ac_limit_w",
                   "battery_capacity_wh", "battery_efficiency", "degradation_per_kwh",
-                  "terminal_value_per_kwh"}, p)
+                  "terminal_value_per_kwh", "pv_forecast_file"}, p)
     step = r.get(t, "step_s", p, int, 900, check=lambda s: None if s >= 300 and 86400 % s == 0
                  else f"must be >= 300 and divide a day (86400 s), got {s}")
     horizon = r.get(t, "horizon_s", p, int, 86400,
@@ -605,6 +608,7 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
         degradation_per_kwh=r.get(t, "degradation_per_kwh", p, float, 0.0,
                                   check=_range(0.0, 10.0)),
         terminal_value_per_kwh=tv,
+        pv_forecast_file=r.get(t, "pv_forecast_file", p, str, "") or None,
     )
 
 

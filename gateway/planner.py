@@ -45,7 +45,7 @@ import numpy as np
 from gateway.commands import ModeState, Setpoints, SiteState
 from gateway.config import Config, PlannerConfig
 from gateway.forecast.load import LoadConfig, forecast_load
-from gateway.forecast.pv import forecast_pv
+from gateway.forecast.pv import ExternalForecastError, forecast_pv, load_external
 from gateway.forecast.solar import PvArray
 from gateway.optimize import Battery, Plan, PlanInputs, StepLimits, plan_or_fallback
 from gateway.optimize.fallback import Solver
@@ -201,6 +201,7 @@ class PlanJob:
     array: PvArray | None
     budget_ms: float
     award_w: FloatArray | None = None  # market commitments per step (+ sold), W
+    pv_forecast_file: str | None = None  # an external PV forecast, re-read every plan
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,15 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     pv_source = "none"
     pv: FloatArray = np.zeros(n)
     if job.array is not None:
+        external = None
+        if job.pv_forecast_file:
+            try:
+                external = load_external(job.pv_forecast_file)
+            except ExternalForecastError as e:
+                # The own forecast still plans; the reason is in the log (once per plan).
+                log.warning("planner: %s; using the own PV forecast", e)
         pf = forecast_pv(job.hist_t, job.hist_pv, job.now, job.array, step_s=job.step_s,
-                         horizon_s=job.horizon_s)
+                         horizon_s=job.horizon_s, external=external)
         pv, pv_source = pf.watts, pf.source
     forecast_ms = (time.perf_counter() - t0) * 1e3
     inputs = PlanInputs(step_s=job.step_s, load_w=lf.watts, pv_w=pv,
@@ -405,7 +413,8 @@ class Planner:
                       hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
                       import_price=imp, export_price=exp, battery=battery,
                       limits=limits if limits is not None else StepLimits.unlimited(n),
-                      tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award)
+                      tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award,
+                      pv_forecast_file=c.pv_forecast_file)
         fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
         self._busy = fut
         # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).

@@ -29,6 +29,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,26 @@ class PvForecast:
     @property
     def times(self) -> FloatArray:
         return self.start + self.step_s * np.arange(self.watts.size, dtype=np.float64)
+
+
+@lru_cache(maxsize=128)
+def _clear_sky_day(day: int, step_s: int, array: PvArray) -> FloatArray:
+    """Clear-sky slot means of one UTC day (cached: a re-plan every few minutes would otherwise
+    recompute the sun's path over the whole history window each time)."""
+    t = day * 86400.0 + step_s * np.arange(86400 // step_s, dtype=np.float64)
+    out = clear_sky_power(t, array, step_s=step_s)
+    out.flags.writeable = False
+    return out
+
+
+def clear_sky_grid(start: float, n: int, step_s: int, array: PvArray) -> FloatArray:
+    """``clear_sky_power`` of ``n`` slots from ``start`` (a multiple of ``step_s``), by days."""
+    per_day = 86400 // step_s
+    first = int(start // step_s)
+    d0, d1 = first // per_day, (first + n - 1) // per_day
+    days = np.concatenate([_clear_sky_day(d, step_s, array) for d in range(d0, d1 + 1)])
+    lo = first - d0 * per_day
+    return days[lo : lo + n].copy()
 
 
 def _slot_grid(t: FloatArray, w: FloatArray, lo: float, n: int, step_s: int) -> FloatArray:
@@ -187,7 +208,7 @@ def forecast_pv(
     start = math.floor(issue_time / step_s) * step_s
     n = horizon_s // step_s
     times = start + step_s * np.arange(n, dtype=np.float64)
-    model_fc = clear_sky_power(times, array, step_s=step_s)
+    model_fc = clear_sky_grid(start, n, step_s, array)
 
     t = np.asarray(timestamps, dtype=np.float64).ravel()
     w = np.asarray(watts, dtype=np.float64).ravel()
@@ -202,9 +223,7 @@ def forecast_pv(
     h_n = cfg.scale_days * 86400 // step_s
     h_lo = start - h_n * step_s
     hist = _slot_grid(t, w, h_lo, h_n, step_s)
-    h_model = clear_sky_power(
-        h_lo + step_s * np.arange(h_n, dtype=np.float64), array, step_s=step_s
-    )
+    h_model = clear_sky_grid(h_lo, h_n, step_s, array)
     scale, note = site_clear_sky_scale(hist, h_model, cfg)
     if note:
         notes.append(note)

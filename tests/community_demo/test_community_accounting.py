@@ -107,3 +107,16 @@ def test_edges_cover_the_day_on_interval_boundaries() -> None:
     assert e[0] == 1000.0 and e[-1] == 1000.0 + 2700.0
     assert all(x % 900 == 0 for x in e[1:-1])
     assert np.all(np.diff(e) > 0)
+
+
+def test_the_dso_constrains_only_what_a_home_can_control() -> None:
+    from community.community_demo import site_day
+
+    day0 = 1_782_000_000.0 - 1_782_000_000.0 % 86400
+    noon, evening = day0 + 12 * 3600, day0 + 18.5 * 3600
+    none = site_day("h0", "none", day0)
+    pv = site_day("h1", "pv", day0)
+    bat = site_day("h2", "pv+battery", day0)
+    assert none.limits_at(noon).export_w == 5000.0 and none.limits_at(evening).import_w is None
+    assert pv.limits_at(noon).export_w == 1500.0 and pv.limits_at(evening).import_w is None
+    assert bat.limits_at(noon).export_w == 1500.0 and bat.limits_at(evening).import_w == 2500.0
