@@ -40,6 +40,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -257,10 +258,11 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
     from drivers.clock import SimClock
     from firmware_sim.server import run_home
     from gateway.daemon import run_gateway
-    from gateway.optimize.problem import compiled
+    from gateway.planner import in_plan_thread, warm_up
 
     step = int(job.planner["step_s"])
-    compiled(int(job.planner["horizon_s"]) // step, float(step))  # compile before time runs
+    # import cvxpy and compile the LP on the planning thread before time runs
+    await in_plan_thread(warm_up, int(job.planner["horizon_s"]) // step, float(step))
     conn.send(("ready", os.getpid()))
     msg = await asyncio.to_thread(conn.recv)
     epoch = float(msg[1])
@@ -309,7 +311,6 @@ async def _gather_bounded(tasks: list[asyncio.Task[Any]], timeout_s: float) -> l
     """Results (or exceptions) of ``tasks`` in order; tasks still running after ``timeout_s``
     real seconds are cancelled (repeatedly: some libraries swallow one cancellation) and give
     a ``TimeoutError`` naming them."""
-    import sys
 
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for t in pending:
@@ -358,6 +359,13 @@ def _episodes(obs: Any) -> list[tuple[float, float, float]]:
 def worker_main(job: WorkerJob, conn: Connection) -> None:
     """Entry point of a worker process (``multiprocessing`` spawn target)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The parent's stdout carries the report (its last line is the JSON); solver banners that
+    # native libraries print on fd 1 go to stderr instead.
+    os.dup2(2, 1)
+    # The planning thread (cvxpy: long pure-Python stretches) and the fast loops share one GIL;
+    # at the default 5 ms switch interval every await of a fast loop can wait 5 ms for it, which
+    # at x240 is more than a simulated second per hop. Hand the GIL over more often.
+    sys.setswitchinterval(0.0005)
     # A worker that outlives its day by far is stuck: say where, on stderr.
     faulthandler.dump_traceback_later(job.stuck_after_s, exit=False)
     try:
@@ -410,11 +418,16 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         broker_url=broker.url, dso_public_key=public_key_to_b64(key.public_key()),
         start=start, end=end, speed=speed, cycle_s=opts.cycle_s, out_dir=str(run_dir),
         market=market,
+        # Spread the homes' periodic work (plans, bid curves) over a minute or two, as a
+        # fleet should: in lockstep, ten plans and bid curves at each boundary stall the fast
+        # loops sharing a worker's interpreter.
         planner={"step_s": opts.interval_s, "horizon_s": 86400, "budget_ms": 2000.0,
-                 "terminal_value_per_kwh": opts.terminal_value},
+                 "terminal_value_per_kwh": opts.terminal_value,
+                 "spread_s": min(60.0, opts.interval_s / 4)},
         market_table={"enabled": True, "community": COMMUNITY, "price_floor": opts.price_floor,
                       "price_cap": opts.price_cap, "prices": opts.bid_prices,
-                      "gate_margin_s": 10.0, "retry_s": 30.0, "meter_delay_s": 5.0},
+                      "gate_margin_s": 10.0, "retry_s": 30.0, "meter_delay_s": 5.0,
+                      "bid_spread_s": min(120.0, opts.interval_s / 4)},
         tariff_table={"import_per_kwh": opts.price_cap, "feed_in_per_kwh": opts.price_floor},
         envelope_sample_s=opts.envelope_sample_s,
         tolerance_w=100.0, day_start=day_start,
@@ -695,6 +708,9 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
                 "sold_kwh": round(sold, 3), "bought_kwh": round(bought, 3),
                 "import_kwh": round(c["import_kwh"], 3), "export_kwh": round(c["export_kwh"], 3),
                 "envelope_max_exceedance_w": h["envelope"]["max_export_exceedance_w"],
+                # episodes above tolerance longer than response_s: [start, seconds, max W]
+                "breaches": [[round(t0, 1), round(d, 1), round(w, 1)]
+                             for t0, d, w in h["episodes"] if d > opts.response_s],
                 "overruns": g.get("overruns"), "cycles": g.get("cycles"),
                 "plans": (g.get("planner") or {}).get("plans"),
                 "errors": h["errors"],

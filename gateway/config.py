@@ -152,6 +152,9 @@ class PlannerConfig:
     # An external PV forecast (a weather service's, written by any tool): CSV
     # ``timestamp,watts`` or JSON, re-read at every plan; stale, short or broken -> own forecast.
     pv_forecast_file: str | None = None
+    # Domain s: plan this site's share of it after each step boundary (and after an award), so
+    # a fleet of gateways sharing a machine, a broker or a market does not plan in lockstep.
+    spread_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class MarketConfig:
     retry_s: float = 15.0  # between attempts (no plan yet; meter not settled yet)
     meter_delay_s: float = 5.0  # after delivery end before reporting the meter
     time_limit_s: float = 2.0  # per solve of the bid curve (real s)
+    bid_spread_s: float = 0.0  # bid this site's share of it after the announce (domain s)
 
 
 @dataclass(frozen=True)
@@ -564,7 +568,7 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
     r.unknown(t, {"enabled", "step_s", "horizon_s", "budget_ms", "timezone", "lat", "lon",
                   "pv_kwp", "pv_tilt_deg", "pv_azimuth_deg", "pv_ac_limit_w",
                   "battery_capacity_wh", "battery_efficiency", "degradation_per_kwh",
-                  "terminal_value_per_kwh", "pv_forecast_file"}, p)
+                  "terminal_value_per_kwh", "pv_forecast_file", "spread_s"}, p)
     step = r.get(t, "step_s", p, int, 900, check=lambda s: None if s >= 300 and 86400 % s == 0
                  else f"must be >= 300 and divide a day (86400 s), got {s}")
     horizon = r.get(t, "horizon_s", p, int, 86400,
@@ -609,6 +613,9 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
                                   check=_range(0.0, 10.0)),
         terminal_value_per_kwh=tv,
         pv_forecast_file=r.get(t, "pv_forecast_file", p, str, "") or None,
+        spread_s=r.get(t, "spread_s", p, float, 0.0,
+                       check=lambda v: None if 0.0 <= v <= step / 2 else
+                       f"must be between 0 and half of step_s ({step / 2:g}), got {v:g}"),
     )
 
 
@@ -671,7 +678,7 @@ def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> Envelope
 def _parse_market(t: Mapping[str, Any], r: _Reader) -> MarketConfig:
     p = "market"
     r.unknown(t, {"enabled", "community", "price_floor", "price_cap", "prices", "gate_margin_s",
-                  "retry_s", "meter_delay_s", "time_limit_s"}, p)
+                  "retry_s", "meter_delay_s", "time_limit_s", "bid_spread_s"}, p)
     if not t:
         return MarketConfig()
     enabled = r.get(t, "enabled", p, bool, True)
@@ -692,6 +699,7 @@ def _parse_market(t: Mapping[str, Any], r: _Reader) -> MarketConfig:
         retry_s=r.get(t, "retry_s", p, float, 15.0, check=_range(0.1, 3600.0)),
         meter_delay_s=r.get(t, "meter_delay_s", p, float, 5.0, check=_range(0.0, 3600.0)),
         time_limit_s=r.get(t, "time_limit_s", p, float, 2.0, check=_range(0.01, 60.0)),
+        bid_spread_s=r.get(t, "bid_spread_s", p, float, 0.0, check=_range(0.0, 3600.0)),
     )
 
 

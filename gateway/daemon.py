@@ -199,7 +199,8 @@ class Gateway:
         if config.envelope is not None:
             # The DSO's limit is the outer bound of whatever the policy or the plan wants.
             self.envelope = EnvelopeAgent(
-                config.site_id, agent_settings(config.envelope), root=config.mqtt.topic_root,
+                config.site_id, agent_settings(config.envelope, config.control.cycle_s),
+                root=config.mqtt.topic_root,
                 cycle_s=config.control.cycle_s,
                 telemetry_interval_s=config.store.telemetry_interval_s,
                 on_event=self.event, on_persist=self._persist_envelope)

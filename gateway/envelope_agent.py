@@ -739,9 +739,11 @@ class EnvelopeAgent:
         return messages.dumps(payload)
 
 
-def agent_settings(env: EnvelopeSection) -> AgentSettings:
-    """:class:`AgentSettings` from the validated ``[envelope]`` config table."""
+def agent_settings(env: EnvelopeSection, cycle_s: float = 5.0) -> AgentSettings:
+    """:class:`AgentSettings` from the validated ``[envelope]`` config table; tightenings are
+    anticipated by two control cycles (at least 10 s), so one cycle always falls in between."""
     return AgentSettings(
+        lead_s=max(10.0, 2.0 * cycle_s),
         public_key=public_key_from_b64(env.dso_public_key),
         fallback=Limits(export_w=env.fallback_export_w, import_w=env.fallback_import_w),
         contact_timeout_s=env.contact_timeout_s,

@@ -26,7 +26,10 @@ slow work on domain time:
    (:meth:`observe`); the agent interpolates them at the delivery interval's boundaries and,
    once the interval has ended, sends the metered net export on ``meter/<site>`` (the meter's
    own counters when it has them at both ends, else the gateway's integrated import/export).
-   ``too_early``/``not_cleared`` answers are retried. The operator's ``settlement/<site>`` is
+   ``too_early``/``not_cleared`` answers and silence are retried every ``retry_s``, at most
+   ``meter_tries`` times (then given up: counted in ``meters_unanswered``, said once; reports
+   queued in the operator's broker session are still answered when it is back). The
+   operator's ``settlement/<site>`` is
    recorded as it is. Intervals the agent bid in but for which no statement arrives keep a
    provisional amount computed locally (award at its price, deviations at the announce's floor
    and cap, or the configured fallbacks).
@@ -95,6 +98,10 @@ class MarketSettings:
     meter_delay_s: float = 5.0  # domain s after delivery end before the meter is reported
     meter_tries: int = 20
     time_limit_s: float = 2.0  # real s per solve of the bid curve
+    # Domain s: the bid is built this site's share of ``bid_spread_s`` after the announce (a
+    # stable fraction from the site id), so a community's gateways do not all solve, publish
+    # and hit the operator in the same second. Capped at a quarter of the bidding window.
+    bid_spread_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,7 @@ class MarketStats:
     awards: int = 0
     meters_sent: int = 0
     meters_refused: dict[str, int] = field(default_factory=dict)
+    meters_unanswered: int = 0  # intervals whose meter reports all went unanswered (given up)
     settlements: int = 0
     persist_errors: int = 0
     out_dropped: int = 0
@@ -184,6 +192,13 @@ class MarketStats:
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
+
+
+def site_fraction(site: str) -> float:
+    """A stable number in [0, 1) from the site id (spreads a fleet's periodic work)."""
+    import zlib
+
+    return (zlib.crc32(site.encode()) % 10_000) / 10_000.0
 
 
 def curve_to_steps(prices: Sequence[float], net_export_wh: Sequence[float]
@@ -368,6 +383,7 @@ class _Interval:
     settlement: dict[str, Any] | None = None
     bid_next: float = 0.0
     no_plan_said: bool = False
+    meter_given_up: bool = False
     start_mark: dict[str, float] = field(default_factory=dict)  # source -> net export counter
     end_mark: dict[str, float] = field(default_factory=dict)
 
@@ -514,7 +530,9 @@ class MarketAgent:
             self._forget(now)
             if len(self.intervals) >= _MAX_INTERVALS:
                 raise _Bad("too_many", f"{len(self.intervals)} auctions held already")
-        self.intervals[iv] = _Interval(a)
+        spread = min(self.settings.bid_spread_s,
+                     max(0.0, (gate - self.settings.gate_margin_s - now) / 4.0))
+        self.intervals[iv] = _Interval(a, bid_next=now + site_fraction(self.site) * spread)
         self._save(iv)
         log.info("market: auction %s open until %.0f (%.3f..%.3f)", iv, gate, lo, hi)
         self._work.set()
@@ -716,6 +734,15 @@ class MarketAgent:
         if now < max(meter_at, st.meter_next):
             return max(meter_at, st.meter_next)
         if st.meter_tries >= s.meter_tries:
+            if st.meter_kwh is not None and not st.meter_given_up:
+                # The operator is down (or never clears): stop sending, say so once. Reports
+                # already queued in its broker session are still answered when it is back.
+                st.meter_given_up = True
+                self.stats.meters_unanswered += 1
+                log.warning("market: %d meter reports for %s unanswered; not sent again (the "
+                            "row keeps its provisional amount)", st.meter_tries, iv)
+                self._event("warning", f"meter report for {iv} unanswered after "
+                                       f"{st.meter_tries} tries; not sent again")
             return math.inf
         if st.meter_kwh is None:
             got = self.metered_kwh(iv)
@@ -922,7 +949,8 @@ def settings_from(cfg: Any) -> MarketSettings:
     return MarketSettings(community=cfg.community, prices=cfg.prices,
                           price_floor=cfg.price_floor, price_cap=cfg.price_cap,
                           gate_margin_s=cfg.gate_margin_s, retry_s=cfg.retry_s,
-                          meter_delay_s=cfg.meter_delay_s, time_limit_s=cfg.time_limit_s)
+                          meter_delay_s=cfg.meter_delay_s, time_limit_s=cfg.time_limit_s,
+                          bid_spread_s=cfg.bid_spread_s)
 
 
 def make_agent(gw: Gateway) -> MarketAgent:

@@ -130,3 +130,17 @@ def clear_auction(auction: Auction, bids: Sequence[StoredBid], cleared_at: float
         "operator_surplus": money(buyers - sellers), "cleared_at": round(cleared_at, 3),
     }
     return Outcome(result=result, awards=awards, clearing=c)
+
+
+def void_auction(auction: Auction, bids: Sequence[StoredBid], cleared_at: float) -> Outcome:
+    """``auction`` cancelled: nothing trades and every site that bid gets a ``none`` award.
+
+    For an auction cleared too late to be delivered (the operator was down at its gate and came
+    back after its delivery began): an award a site learns of after the fact could not be
+    planned, yet its deviation would be settled at the retail price. With no trade, every site
+    settles its metered energy with the retailer alone, as exchanges cancel an auction whose
+    results cannot be published before delivery.
+    """
+    out = clear_auction(auction, (), cleared_at)
+    awards = {b.site: SiteAward(site=b.site, net_wh=0, net_amount=0.0) for b in bids}
+    return Outcome(result={**out.result, "bids": len(awards)}, awards=awards, clearing=None)

@@ -5,7 +5,9 @@ runs two loops on one asyncio event loop:
 
 * the **scheduler** (domain time from the injected clock): at each gate closure it clears every
   due auction through the ledger (exactly once across instances and restarts), then records and
-  announces the next auction;
+  announces the next auction. An auction it could not clear until well into its delivery (it was
+  down at the gate) is cleared *void*: no trade, every bidder a ``none`` award, so nobody is
+  held to a commitment it learnt of too late (:data:`VOID_AFTER`);
 * the **connection**: one MQTT session (reconnects with backoff) that consumes ``bids/+`` and
   ``meter/+``, answers each on ``bid_result/<site>``, publishes the retained ``announce``, and
   drains the ledger's outbox (result, awards, settlements) with QoS 1.
@@ -39,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from community.clearing import MECHANISMS, Mechanism
-from community.market.auction import clear_auction
+from community.market.auction import clear_auction, void_auction
 from community.market.ledger import Ledger
 from community.market.messages import (
     MAX_PAYLOAD_BYTES,
@@ -57,6 +59,11 @@ from drivers.clock import Clock, SimClock, WallClock
 
 log = logging.getLogger(__name__)
 
+# An auction first cleared later than this share of its delivery interval after delivery began
+# (the operator was down at its gate) is void: its awards could no longer be planned. The slack
+# keeps an operator that wakes a little late (a busy host, gate_lead_s = 0) clearing as usual.
+VOID_AFTER = 0.1
+
 
 @dataclass
 class OperatorStats:
@@ -67,7 +74,8 @@ class OperatorStats:
     replaced: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     meters: int = 0
-    cleared: int = 0  # intervals this instance cleared
+    cleared: int = 0  # intervals this instance cleared (void ones included)
+    voided: int = 0  # of those, cleared void: too late for their delivery (see VOID_AFTER)
     published: int = 0  # outbox messages acknowledged by the broker
     announced: int = 0
     connects: int = 0
@@ -196,16 +204,25 @@ class MarketOperator:
 
     def _clear_due(self, now: float) -> None:
         for a in self.ledger.due_auctions(self.community, now):
+            void = now > a.delivery_start + VOID_AFTER * (a.delivery_end - a.delivery_start)
+            compute = (functools.partial(void_auction, a, cleared_at=now) if void else
+                       functools.partial(clear_auction, a, cleared_at=now, k=self.k))
             try:
-                out = self.ledger.clear_once(
-                    a, functools.partial(clear_auction, a, cleared_at=now, k=self.k), now,
-                    self.instance)
+                out = self.ledger.clear_once(a, compute, now, self.instance)
             except Exception:  # a bug, not bad input (bids were checked): retried next gate
                 log.exception("market %s: clearing %s failed", self.community, a.interval_id)
                 self.stats.rejected["internal"] += 1
                 continue
-            if out is not None:
-                self.stats.cleared += 1
+            if out is None:
+                continue
+            self.stats.cleared += 1
+            if void:
+                self.stats.voided += 1
+                log.warning("market %s: %s void: cleared %.0f s into its delivery (the operator "
+                            "was down at its gate); %s bids, no trade, all settle with the "
+                            "retailer", self.community, a.interval_id, now - a.delivery_start,
+                            out.result["bids"])
+            else:
                 log.info("market %s: cleared %s: %s bids, %s kWh at %s", self.community,
                          a.interval_id, out.result["bids"], out.result["volume_kwh"],
                          out.result["clearing_price"])
