@@ -12,7 +12,7 @@ was not really run. Unless ``--speed`` is given, the speed comes from
 next to the wall time say whether the run was healthy: late cycles (%), plans, bids sent before
 the gate, CPU seconds of all processes.
 
-Usage: ``python bench/community.py [--homes 10,50] [--hours 24] [--cycle 5] [--interval 900]
+Usage: ``python bench/community.py [--homes 10,50] [--hours 24] [--cycle 10] [--interval 900]
 [--speed S] [--workers W]``. The last stdout line is one JSON object:
 ``{"runs": [{"homes", "wall_s", "speed", "cycle_s", "interval_s", "cpu_s", "late_cycle_pct",
 "plans", "bids_sent", "traded_kwh", "episodes_beyond_tolerance"}, ...], "wall_s_<N>": ...}``.
@@ -72,7 +72,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--homes", default="10,50", help="comma-separated community sizes")
     p.add_argument("--hours", type=float, default=24.0)
-    p.add_argument("--cycle", type=float, default=5.0, help="control cycle, simulated s")
+    p.add_argument("--cycle", type=float, default=10.0, help="control cycle, simulated s")
     p.add_argument("--interval", type=int, default=900, help="market interval / plan step, s")
     p.add_argument("--speed", type=float, default=None, help="default: auto_speed")
     p.add_argument("--workers", type=int, default=None)
