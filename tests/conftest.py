@@ -12,28 +12,14 @@ installs it from Debian packages).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from broker_process import MOSQUITTO, free_port, start_mosquitto, stop_process
 
 
 @dataclass
@@ -83,36 +69,14 @@ class Mosquitto:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start (again) on the same port; return once it accepts connections."""
-        assert MOSQUITTO is not None
         if self.proc is not None and self.proc.poll() is None:
             return
-        conf = self._write_config()
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                log = self.log_path.read_text() if self.log_path.exists() else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}{log}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, self.port), timeout=0.2):
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout_s} s")
+        self.proc = start_mosquitto(self._write_config(), self.host, self.port, self.log_path,
+                                    timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop cleanly (SIGTERM: sessions and queued messages are saved)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
+        stop_process(self.proc, timeout_s)
         self.proc = None
 
     def kill(self) -> None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import socket
 import struct
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import pytest
+from broker_process import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -366,12 +366,6 @@ def test_sdm630_hostile_input_registers_give_a_finite_reading_or_a_device_error(
 # ---------------------------------------------------------------- one real Modbus round trip
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_garbage_scale_factor_over_real_modbus_is_a_device_error() -> None:
     from pymodbus.framer import FramerType
     from pymodbus.server import ModbusTcpServer
@@ -382,7 +376,7 @@ async def test_a_garbage_scale_factor_over_real_modbus_is_a_device_error() -> No
     regs[point_index(img, 203, "W_SF")] = 0x7FFF
     device = SimDevice(id=1, simdata=[SimData(address=img.base, values=regs,
                                               datatype=DataType.REGISTERS)])
-    port = _free_port()
+    port = free_port()
     server = ModbusTcpServer(context=device, address=("127.0.0.1", port),
                              framer=FramerType.SOCKET)
     await server.serve_forever(background=True)

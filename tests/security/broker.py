@@ -12,16 +12,14 @@ files in the temp dir (plain ``user:password`` mode 0600, then hashed in place b
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from broker_process import start_mosquitto, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "systemd" / "mosquitto" / "hems.conf"
@@ -29,20 +27,11 @@ ACL = REPO / "systemd" / "mosquitto" / "acl"
 MAKE_CA = REPO / "systemd" / "make-test-ca.sh"
 ETC = "/etc/mosquitto/hems/"
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or (
     "/usr/bin/mosquitto_passwd" if os.path.exists("/usr/bin/mosquitto_passwd") else None)
 
 SITES = ("home-1", "home-2")
 SERVICE_USERS = ("dso", "market-operator", "dashboard")
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def site_acl_lines(site: str) -> str:
@@ -87,32 +76,11 @@ class SecureBroker:
         return self.workdir / "mosquitto.log"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        assert MOSQUITTO is not None
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.workdir / "mosquitto.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                log = self.log_path.read_text() if self.log_path.exists() else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}{log}")
-            # Both listeners are open before the broker accepts on either: probing the plain
-            # one is enough (and leaves no TLS handshake error in the log).
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, self.plain_port), timeout=0.2):
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen within {timeout_s} s")
+        # Both listeners are open before the broker accepts on either: probing the plain one
+        # is enough (and leaves no TLS handshake error in the log).
+        self.proc = start_mosquitto(self.workdir / "mosquitto.conf", self.host, self.plain_port,
+                                    self.log_path, timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout_s)
+        stop_process(self.proc, timeout_s)
         self.proc = None

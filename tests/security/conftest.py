@@ -11,18 +11,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from broker_process import MOSQUITTO, free_port
 
 from .broker import (
     ACL,
     CONF,
     MAKE_CA,
-    MOSQUITTO,
     MOSQUITTO_PASSWD,
     SERVICE_USERS,
     SITES,
     SecureBroker,
     adapt_config,
-    free_port,
     site_acl_lines,
 )
 
