@@ -299,7 +299,7 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
                 "errors": errors,
                 "gateway": stats.as_dict() if not isinstance(stats, BaseException) else None,
                 "envelope": obs.report(day.change_times()),
-                "episodes": _episodes(obs),
+                "episodes": obs.episodes(),
                 "samples": asdict(smp),
             })
         # Send before the servers and sessions close: a slow teardown must not lose the day.
@@ -332,27 +332,6 @@ async def _gather_bounded(tasks: list[asyncio.Task[Any]], timeout_s: float) -> l
         else:
             exc = t.exception()
             out.append(exc if exc is not None else t.result())
-    return out
-
-
-def _episodes(obs: Any) -> list[tuple[float, float, float]]:
-    """(start, duration, max W) of each run of samples above the tolerance."""
-    out: list[tuple[float, float, float]] = []
-    cur: list[float] | None = None
-    smp = obs.samples
-    for i, (t, _site, e) in enumerate(smp):
-        if abs(e) > obs.tolerance_w:
-            nxt = smp[i + 1][0] if i + 1 < len(smp) else t
-            if cur is None:
-                cur = [t, nxt - t, abs(e)]
-            else:
-                cur[1] = nxt - cur[0]
-                cur[2] = max(cur[2], abs(e))
-        elif cur is not None:
-            out.append((cur[0], cur[1], cur[2]))
-            cur = None
-    if cur is not None:
-        out.append((cur[0], cur[1], cur[2]))
     return out
 
 
@@ -616,7 +595,7 @@ def _limit_series(site: str, kind: str, day_start: float, t: Floats, name: str) 
     return out
 
 
-def _home_costs(h: dict[str, Any], edges: np.ndarray, opts: CommunityOptions, day_start: float,
+def _home_costs(h: dict[str, Any], edges: np.ndarray, opts: CommunityOptions,
                 awards: dict[str, tuple[float, float]] | None) -> dict[str, float]:
     s = h["samples"]
     net = interval_net_export_kwh(s["t"], s["import_wh"], s["export_wh"], edges)
@@ -693,12 +672,12 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
         per_home = []
         for h in comm.homes:
             site = h["site"]
-            c = _home_costs(h, edges, opts, day_start, comm.awards.get(site, {}))
+            c = _home_costs(h, edges, opts, comm.awards.get(site, {}))
             fit = _fit_only(h, edges, opts, day_start)
             b: dict[str, float] = {"community": round(c["cost"], 4), "fit_only": round(fit, 4)}
             if base is not None:
                 hb = next(x for x in base.homes if x["site"] == site)
-                b["no_p2p"] = round(_home_costs(hb, edges, opts, day_start, None)["cost"], 4)
+                b["no_p2p"] = round(_home_costs(hb, edges, opts, None)["cost"], 4)
             bills[site] = b
             sold = sum(v[0] for v in comm.awards.get(site, {}).values() if v[0] > 0)
             bought = -sum(v[0] for v in comm.awards.get(site, {}).values() if v[0] < 0)

@@ -266,6 +266,23 @@ class EnvelopeObserver:
     def __post_init__(self) -> None:
         self._loads: list[float] = []
 
+    def episodes(self) -> list[tuple[float, float, float]]:
+        """Runs of samples above the tolerance: (start, duration to the first sample back
+        inside, largest exceedance W)."""
+        out: list[tuple[float, float, float]] = []
+        start: float | None = None
+        peak = 0.0
+        for t, _, e in self.samples:
+            if abs(e) > self.tolerance_w:
+                start = t if start is None else start
+                peak = max(peak, abs(e))
+            elif start is not None:
+                out.append((start, t - start, peak))
+                start, peak = None, 0.0
+        if start is not None:
+            out.append((start, self.samples[-1][0] - start, peak))
+        return out
+
     def report(self, change_times: tuple[float, ...] = ()) -> dict[str, Any]:
         """``max_export_exceedance_w``, ``max_import_exceedance_w``, ``exceedance_s``,
         ``longest_exceedance_s``, ``episodes``, ``events``, ``p99_response_s``,
@@ -275,20 +292,8 @@ class EnvelopeObserver:
         smp = self.samples
         tol = self.tolerance_w
         over = [abs(e) > tol for _, _, e in smp]
-        exceed_s = 0.0
-        episodes: list[tuple[float, float]] = []
-        start: float | None = None
-        for i, (t, _, _) in enumerate(smp):
-            if over[i]:
-                if i + 1 < len(smp):
-                    exceed_s += smp[i + 1][0] - t
-                if start is None:
-                    start = t
-            elif start is not None:
-                episodes.append((start, t))
-                start = None
-        if start is not None:
-            episodes.append((start, smp[-1][0]))
+        exceed_s = sum(smp[i + 1][0] - smp[i][0] for i in range(len(smp) - 1) if over[i])
+        episodes = self.episodes()
         events = [t for t in change_times if smp and smp[0][0] <= t <= smp[-1][0]]
         loads = self._loads
         events += [smp[i][0] for i in range(1, len(smp)) if abs(loads[i] - loads[i - 1]) > tol]
@@ -306,7 +311,7 @@ class EnvelopeObserver:
             "max_import_exceedance_w": round(max([0.0, *(-e for _, _, e in smp)]), 1),
             "exceedance_s": round(exceed_s, 1),
             "episodes": len(episodes),
-            "longest_exceedance_s": round(max((b - a for a, b in episodes), default=0.0), 1),
+            "longest_exceedance_s": round(max((d for _, d, _ in episodes), default=0.0), 1),
             "events": len(responses),
             "p99_response_s": round(float(np.percentile(responses, 99)), 1) if responses
             else 0.0,
