@@ -242,7 +242,7 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
         if job.pv_forecast_file:
             try:
                 external = load_external(job.pv_forecast_file)
-            except ExternalForecastError as e:
+            except (ExternalForecastError, OSError, ValueError) as e:  # incl. undecodable
                 # The own forecast still plans; the reason is in the log (once per plan).
                 log.warning("planner: %s; using the own PV forecast", e)
         pf = forecast_pv(job.hist_t, job.hist_pv, job.now, job.array, step_s=job.step_s,

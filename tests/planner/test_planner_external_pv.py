@@ -41,12 +41,13 @@ def test_an_external_forecast_file_is_what_the_plan_uses(tmp_path: Path) -> None
     assert not np.allclose(res.inputs.pv_w, own.inputs.pv_w)
 
 
-@pytest.mark.parametrize("content", [None, "not json at all", '{"issued_at": 0, "values": []}'])
+@pytest.mark.parametrize("content", [None, b"not json at all", b'{"issued_at": 0, "values": []}',
+                                     b"\xff\xfe\x00binary"])
 def test_a_missing_or_broken_file_falls_back_to_the_own_forecast(tmp_path: Path,
-                                                                content: str | None) -> None:
+                                                                content: bytes | None) -> None:
     f = tmp_path / "pv.json"
     if content is not None:
-        f.write_text(content)
+        f.write_bytes(content)
     res = compute_plan(_job(str(f)))
     own = compute_plan(_job(None))
     assert res.pv_source == own.pv_source != "external"
