@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from drivers.natures import BatteryReading, InverterReading
+from gateway.enforce import _EPS as NOISE_W
 from gateway.enforce import (
     EnforceConfig,
     EnforceInputError,
@@ -149,6 +150,8 @@ def battery_or_none(draw: st.DrawFn) -> BatteryReading | None:
     held_b=st.none() | st.floats(-10000.0, 10000.0),
     held_pct=st.none() | st.floats(0.0, 100.0),
 )
+@example(ac=0.0, max_w=100.0, battery=None, export=0.0, gen=None, load_lim=None,
+         held_b=-0.0007639421042937047, held_pct=None)  # found in CI: a sub-mW held discharge
 def test_property_zero_load_never_exceeds_the_export_limit(
     ac: float, max_w: float, battery: BatteryReading | None, export: float, gen: float | None,
     load_lim: float | None, held_b: float | None, held_pct: float | None,
@@ -180,9 +183,11 @@ def test_property_zero_load_never_exceeds_the_export_limit(
     assert fs.discharge_w == pytest.approx(discharge)
     # The worst case: zero load. Export = PV + discharge - charge credited.
     if fs.compliant:
-        assert pv_max + discharge - fs.charge_credit_w <= export + 1e-6
+        # within the float-noise margin enforce() itself uses (1 mW): a held discharge of
+        # 0.76 mW against a 0 W limit is "compliant" there, and was flaky here at 1e-6
+        assert pv_max + discharge - fs.charge_credit_w <= export + NOISE_W
         if gen is not None:
-            assert pv_max + discharge <= gen + 1e-6
+            assert pv_max + discharge <= gen + NOISE_W
     else:
         assert pv_max == 0.0 and battery is None
 
