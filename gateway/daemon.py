@@ -68,7 +68,7 @@ from gateway.messages import Topics
 from gateway.mqtt import MqttSession
 from gateway.plausibility import ReadingGuard
 from gateway.sdnotify import Notifier
-from gateway.store import Aggregator, Batch, Event, OutboxRow, Store, StoreError
+from gateway.store import Aggregator, Batch, Counters, Event, OutboxRow, Store, StoreError
 from gateway.supervisor import Supervisor, TaskSpec, Unrecoverable
 
 if TYPE_CHECKING:
@@ -247,6 +247,18 @@ class Gateway:
         from gateway.market_agent import awards_array
 
         return awards_array(self.market, start, n, step_s)
+
+    def _counters(self, state: SiteState) -> Counters:
+        """The devices' energy registers this cycle; an absent device's stands still at 0."""
+        m, i, b = state.meter, state.inverter, state.battery
+
+        def have(kind: str, v: float | None) -> float | None:
+            return v if kind in self.slots else 0.0
+
+        return Counters(
+            import_wh=m.import_wh if m else None, export_wh=m.export_wh if m else None,
+            pv_wh=have("inverter", i.energy_wh if i else None),
+            stored_wh=have("battery", b.soc_pct * b.capacity_wh / 100.0 if b else None))
 
     def energy_counters(self) -> tuple[float, float]:
         """Lifetime (import, export) Wh integrated from the meter's power (persisted)."""
@@ -445,7 +457,8 @@ class Gateway:
         rec = self.agg.add(t, state.meter.site_w if state.meter else None,
                            state.inverter.ac_w if state.inverter else None,
                            state.battery.w if state.battery else None,
-                           state.battery.soc_pct if state.battery else None, errors, mode.mode)
+                           state.battery.soc_pct if state.battery else None, errors, mode.mode,
+                           self._counters(state))
         if rec is not None:
             if self.envelope is not None:
                 rec.update(self.envelope.window_record(rec["start"]))

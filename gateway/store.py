@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
@@ -439,12 +440,62 @@ class _Acc:
         return None if self.n == 0 else self.total / self.n
 
 
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Energy registers of the site's devices at one reading (Wh; None = not available)."""
+
+    import_wh: float | None = None  # meter, lifetime import
+    export_wh: float | None = None  # meter, lifetime export
+    pv_wh: float | None = None  # inverter, lifetime AC energy
+    stored_wh: float | None = None  # battery, SoC x usable capacity
+
+
+# No household connection moves more than this; a larger counter step is a reset or garbage.
+_MAX_SITE_W = 200_000.0
+
+
+def counter_deltas(a: Counters, b: Counters, dt_s: float) -> dict[str, float]:
+    """Energies (Wh) between two counter readings ``dt_s`` apart, keyed like ``totals_wh``.
+
+    Only plausible steps count: a counter that went back (reset, replaced meter) or jumped
+    more than any household connection can move in ``dt_s`` gives nothing for its key. The
+    load is the energy balance (import - export + pv - net charge), and only when every
+    counter it needs is there (a site without PV or a battery passes 0.0 for it: an absent
+    device's counter stands still; None means unread or not provided).
+    """
+    cap = _MAX_SITE_W * max(dt_s, 0.0) / 3600.0
+
+    def step(x: float | None, y: float | None, signed: bool = False) -> float | None:
+        if x is None or y is None or not math.isfinite(x) or not math.isfinite(y):
+            return None
+        d = y - x
+        if (d < 0 and not signed) or abs(d) > cap:
+            return None
+        return d
+
+    out: dict[str, float] = {}
+    imp, exp = step(a.import_wh, b.import_wh), step(a.export_wh, b.export_wh)
+    pv, net = step(a.pv_wh, b.pv_wh), step(a.stored_wh, b.stored_wh, signed=True)
+    for k, v in (("import", imp), ("export", exp), ("pv", pv)):
+        if v is not None:
+            out[k] = v
+    if net is not None:
+        out["charge"], out["discharge"] = max(net, 0.0), max(-net, 0.0)
+    if imp is not None and exp is not None and pv is not None and net is not None:
+        out["load"] = max(imp - exp + pv - net, 0.0)
+    return out
+
+
 class Aggregator:
     """Folds per-cycle powers into one record per aligned ``interval_s`` window.
 
     Means are sample means (cycles are regular); energies are integrated per step with the
-    trapezoid rule over the domain time between two readings (a step longer than ``max_gap_s``
-    — a stalled loop or a dead device — integrates nothing rather than inventing energy).
+    trapezoid rule over the domain time between two readings. A step longer than ``max_gap_s``
+    (a stalled loop, a dead device, a restart) is bridged by the devices' own energy counters
+    when both ends have them (the meter's import/export registers, the inverter's lifetime WH,
+    the battery's stored energy from SoC x capacity): the meter knows what flowed while the
+    gateway was not looking. Without counters such a step integrates nothing rather than
+    inventing energy.
     """
 
     def __init__(self, interval_s: float, max_gap_s: float = 300.0) -> None:
@@ -453,6 +504,8 @@ class Aggregator:
         self._start: float | None = None
         self._reset()
         self._prev: tuple[float, float | None, float | None, float | None] | None = None
+        self._prev_counters: Counters | None = None
+        self.bridged_s = 0.0  # domain seconds of gaps bridged by the counters
         self.totals_wh: dict[str, float] = {"import": 0.0, "export": 0.0, "pv": 0.0,
                                             "load": 0.0, "charge": 0.0, "discharge": 0.0}
 
@@ -465,15 +518,20 @@ class Aggregator:
         self._mode = "auto"
 
     def add(self, ts: float, site_w: float | None, pv_w: float | None, battery_w: float | None,
-            soc_pct: float | None, errors: int, mode: str) -> dict[str, Any] | None:
-        """Add one cycle; return the record of the window this sample closed, if any."""
+            soc_pct: float | None, errors: int, mode: str,
+            counters: Counters | None = None) -> dict[str, Any] | None:
+        """Add one cycle; return the record of the window this sample closed, if any.
+
+        ``counters`` are the devices' energy registers read this cycle (any may be None);
+        they are only used to bridge steps longer than ``max_gap_s``.
+        """
         out = None
         if self._start is None:
             self._start = ts - ts % self.interval_s
         elif ts >= self._start + self.interval_s:
             out = self.close()
             self._start = ts - ts % self.interval_s
-        self._integrate(ts, site_w, pv_w, battery_w)
+        self._integrate(ts, site_w, pv_w, battery_w, counters)
         load = None
         if site_w is not None:
             load = site_w + (pv_w or 0.0) - (battery_w or 0.0)
@@ -488,12 +546,17 @@ class Aggregator:
         return out
 
     def _integrate(self, ts: float, site: float | None, pv: float | None,
-                   bat: float | None) -> None:
-        prev = self._prev
+                   bat: float | None, counters: Counters | None) -> None:
+        prev, prev_c = self._prev, self._prev_counters
         self._prev = (ts, site, pv, bat)
+        self._prev_counters = counters
         if prev is None:
             return
         dt = ts - prev[0]
+        if dt > self.max_gap_s and prev_c is not None and counters is not None:
+            self._bridge(counter_deltas(prev_c, counters, dt))
+            self.bridged_s += dt
+            return
         if not 0 < dt <= self.max_gap_s:
             return
         h = dt / 3600.0
@@ -517,6 +580,13 @@ class Aggregator:
         if b is not None:
             self.totals_wh["charge"] += max(b, 0.0) * h
             self.totals_wh["discharge"] += max(-b, 0.0) * h
+
+    def _bridge(self, d: dict[str, float]) -> None:
+        for k in ("import", "export", "pv"):
+            if k in d:
+                self._wh[k] += d[k]
+        for k, v in d.items():
+            self.totals_wh[k] += v
 
     @property
     def open_wh(self) -> dict[str, float]:

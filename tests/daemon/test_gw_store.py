@@ -11,10 +11,12 @@ from gateway.store import (
     SCHEMA_VERSION,
     Aggregator,
     Batch,
+    Counters,
     Event,
     OutboxRow,
     Store,
     StoreError,
+    counter_deltas,
     integrity_check,
 )
 
@@ -166,3 +168,42 @@ def test_aggregator_does_not_invent_energy_over_gaps() -> None:
     agg.add(0.0, 1000.0, None, None, None, 0, "auto")
     agg.add(3600.0, 1000.0, None, None, None, 0, "auto")  # an hour's gap: no energy
     assert agg.totals_wh["import"] == 0.0
+
+
+def test_a_stalled_loop_is_bridged_by_the_devices_energy_counters() -> None:
+    agg = Aggregator(60.0, max_gap_s=300.0)
+    c0 = Counters(import_wh=1000.0, export_wh=50.0, pv_wh=20_000.0, stored_wh=5000.0)
+    agg.add(0.0, 1000.0, 2000.0, 500.0, 50.0, 0, "auto", c0)
+    # 20 minutes unobserved: the meter counted 300 Wh in and 10 out, the inverter 700 Wh,
+    # the battery stored 100 Wh more; the powers at both ends say nothing about the gap
+    c1 = Counters(import_wh=1300.0, export_wh=60.0, pv_wh=20_700.0, stored_wh=5100.0)
+    agg.add(1200.0, 1000.0, 2000.0, 500.0, 50.0, 0, "auto", c1)
+    t = agg.totals_wh
+    assert (t["import"], t["export"], t["pv"]) == (300.0, 10.0, 700.0)
+    assert (t["charge"], t["discharge"]) == (100.0, 0.0)
+    assert t["load"] == pytest.approx(300 - 10 + 700 - 100)  # the energy balance
+    assert agg.open_wh == {"import": 300.0, "export": 10.0, "pv": 700.0}
+    assert agg.bridged_s == 1200.0
+
+
+def test_counter_resets_garbage_and_unread_devices_bridge_nothing_for_their_key() -> None:
+    a = Counters(import_wh=1000.0, export_wh=50.0, pv_wh=20_000.0, stored_wh=5000.0)
+    # the meter was replaced (import went back), the inverter's counter jumped 1 GWh
+    b = Counters(import_wh=10.0, export_wh=60.0, pv_wh=1e9, stored_wh=4000.0)
+    d = counter_deltas(a, b, 600.0)
+    assert d == {"export": 10.0, "charge": 0.0, "discharge": 1000.0}  # no load without import
+    # an unread battery (None) is unknown, an absent one (0.0 both ends) stands still
+    d = counter_deltas(Counters(0.0, 0.0, 0.0, None), Counters(5.0, 1.0, 0.0, 0.0), 600.0)
+    assert "load" not in d and "charge" not in d
+    d = counter_deltas(Counters(0.0, 0.0, 0.0, 0.0), Counters(5.0, 1.0, 0.0, 0.0), 600.0)
+    assert d["load"] == 4.0 and d["charge"] == d["discharge"] == 0.0
+    # non-finite registers are garbage too
+    assert counter_deltas(Counters(0.0, 0.0), Counters(float("nan"), float("inf")), 60.0) == {}
+
+
+def test_without_counters_a_gap_still_invents_nothing() -> None:
+    agg = Aggregator(60.0, max_gap_s=300.0)
+    agg.add(0.0, 1000.0, 500.0, None, None, 0, "auto", Counters(import_wh=0.0))
+    agg.add(3600.0, 1000.0, 500.0, None, None, 0, "auto", None)
+    assert all(v == 0.0 for v in agg.totals_wh.values()) and agg.bridged_s == 0.0
+
