@@ -30,7 +30,7 @@ def test_community_demo_trades_settles_and_accounts(tmp_path: Path) -> None:
         [sys.executable, "-m", "gateway.cli", "demo", "--homes", "3", "--hours", "1.25",
          "--start", "2026-06-21T10:45:00Z", "--speed", "150", "--workers", "2",
          "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=400)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["errors"] == [], r["errors"]
