@@ -135,3 +135,19 @@ def test_without_storage_the_one_solve_curve_equals_solving_every_price(x: PlanI
     for p, got in zip(prices, curve.raw_net_export_wh, strict=True):
         one = bid_curve(x, k, [p])  # a single price: always solved
         assert got == pytest.approx(float(one.raw_net_export_wh[0]), abs=1e-3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_inputs(), st.integers(0, 23))
+def test_the_bisected_curve_equals_solving_every_price(x: PlanInputs, k: int) -> None:
+    """Solving only the end prices and bisecting where they differ (monotonicity of the LP's
+    response) gives the curve that solving at every price gives, after the monotone repair."""
+    k = k % x.steps
+    prices = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    curve = bid_curve(x, k, prices)
+    each = np.array([float(bid_curve(x, k, [p]).raw_net_export_wh[0]) for p in prices])
+    lim = validate(x).limits
+    assert lim is not None
+    expect = np.clip(np.maximum.accumulate(each), -lim.import_w[k] * x.dt_h,
+                     lim.export_w[k] * x.dt_h)
+    assert np.allclose(curve.net_export_wh, expect, atol=0.1), (curve, each)
