@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from drivers.clock import Clock, WallClock
 from gateway import messages as _gm
+from gateway import mqtt_calls
 from gateway.envelope import (
     DEFAULT_CONFIG,
     LIMIT_NAMES,
@@ -64,6 +65,7 @@ from gateway.envelope import (
     parse_control,
     parse_default,
 )
+from gateway.mqtt_calls import raise_if_cancelling
 from gateway.signing import generate_keypair, load_private_key, sign, verify
 
 log = logging.getLogger(__name__)
@@ -843,6 +845,7 @@ class DsoPublisher:
                     await self._session(stop)
                     delay = self.min_backoff_s
                 except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
+                    raise_if_cancelling()  # a 3.11 TaskGroup puts a child's error first
                     e = eg.exceptions[0]
                     msg = str(e) or type(e).__name__
                     if self.connected.is_set():
@@ -859,7 +862,8 @@ class DsoPublisher:
                 if stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
                 delay = min(delay * 2.0, self.max_backoff_s)
         finally:
             self.connected.clear()
@@ -885,7 +889,7 @@ class DsoPublisher:
         for site in list(self._sites):
             topic = DsoTopics(site, self.root).ack
             if topic not in ack_topics:
-                await client.subscribe(topic, qos=1, timeout=self.timeout_s)
+                await mqtt_calls.subscribe(client, topic, qos=1, timeout_s=self.timeout_s)
                 ack_topics[topic] = site
 
     async def _publish_loop(self, client: aiomqtt.Client, ack_topics: dict[str, str]) -> None:
@@ -895,8 +899,8 @@ class DsoPublisher:
             now = self.clock.now()
             for site in list(self._sites):
                 for topic, msg, new in self._build(site, now):
-                    await client.publish(topic, _dumps(msg), qos=1, retain=True,
-                                         timeout=self.timeout_s)
+                    await mqtt_calls.publish(client, topic, _dumps(msg), qos=1, retain=True,
+                                             timeout_s=self.timeout_s)
                     self.stats.published += 1
                     if new:
                         self.stats.documents += 1
@@ -981,7 +985,8 @@ async def _watch(config: DsoConfig, pub: DsoPublisher, stop: asyncio.Event, cloc
     stamp = _stamp(config.schedule_path)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=config.reload_interval_s)
+            async with asyncio.timeout(config.reload_interval_s):
+                await stop.wait()
         new = _stamp(config.schedule_path)
         if stop.is_set() or new == stamp:
             continue
@@ -1069,16 +1074,16 @@ async def publish_once(
             msg = sign({"v": 1, "site": site, "issued": issued, "controls": controls},
                        private_key)
             DsoPublisher._check("dso_controls", msg)
-            await client.publish(topics.controls, _dumps(msg), qos=1, retain=True,
-                                 timeout=timeout_s)
+            await mqtt_calls.publish(client, topics.controls, _dumps(msg), qos=1, retain=True,
+                                     timeout_s=timeout_s)
             sent.append(msg)
         if default is not None:
             d = default_wire(parse_default(default_wire(default), site, now))
             msg = sign({"v": 1, "site": site, "issued": round(issued + _STEP, 3), "default": d},
                        private_key)
             DsoPublisher._check("dso_default", msg)
-            await client.publish(topics.default, _dumps(msg), qos=1, retain=True,
-                                 timeout=timeout_s)
+            await mqtt_calls.publish(client, topics.default, _dumps(msg), qos=1, retain=True,
+                                     timeout_s=timeout_s)
             sent.append(msg)
     return sent
 

@@ -122,6 +122,7 @@ class GatewayStats:
     battery_writes: int = 0
     envelope: dict[str, Any] = field(default_factory=dict)  # AgentStats with [envelope]
     market: dict[str, Any] = field(default_factory=dict)  # MarketStats with [market]
+    pv_forecast: dict[str, Any] = field(default_factory=dict)  # external forecasts over MQTT
     meter_failsafe_entries: int = 0  # times the meter-loss failsafe took over
     meter_failsafe_cycles: int = 0  # cycles run under it
 
@@ -913,6 +914,7 @@ async def run_gateway(config: Config, clock: Clock, *, stop: asyncio.Event | Non
             gw.stats.envelope = gw.envelope.stats.as_dict()
         if gw.market is not None:
             gw.stats.market = gw.market.stats.as_dict()
+        gw.stats.pv_forecast = mqtt.pv_forecast.stats.as_dict()
         gw.stats.broker_connects = mqtt.stats.connects
         gw.stats.broker_failures = mqtt.stats.connect_failures
         gw.stats.backlog = max(0, gw._committed_seq - gw._published_seq)

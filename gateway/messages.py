@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 SCHEMA_NAMES = ("telemetry", "state", "availability", "cmd_mode", "cmd_reserve", "cmd_result",
-                "envelope_status")
+                "envelope_status", "forecast_pv")
 ONLINE = "online"
 OFFLINE = "offline"
 

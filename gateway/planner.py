@@ -10,7 +10,9 @@
    from :meth:`gateway.daemon.Gateway.limits_for_horizon` (unlimited until the envelope is wired);
 3. on the ONE planning thread of the process (cvxpy's compiled problems are shared and not
    thread-safe): load forecast (cold start: the standard profile), PV forecast (clear-sky model
-   plus the PV history), :func:`gateway.optimize.plan_or_fallback` within ``budget_ms``;
+   plus the PV history; on the steps it covers, the newest usable external forecast: the
+   ``pv_forecast_file`` or the one held from MQTT ``forecast/pv``, see :func:`compute_plan`),
+   :func:`gateway.optimize.plan_or_fallback` within ``budget_ms``;
 4. installs the result as :class:`ActivePlan`, stores it (kv ``plan``: a restart follows it at
    once while it is fresh) and counts it (:class:`PlannerStats`).
 
@@ -30,6 +32,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -45,7 +48,13 @@ import numpy as np
 from gateway.commands import ModeState, Setpoints, SiteState
 from gateway.config import Config, PlannerConfig
 from gateway.forecast.load import LoadConfig, forecast_load
-from gateway.forecast.pv import ExternalForecastError, forecast_pv, load_external
+from gateway.forecast.pv import (
+    ExternalForecast,
+    ExternalForecastError,
+    forecast_pv,
+    load_external,
+    pick_external,
+)
 from gateway.forecast.solar import PvArray
 from gateway.market_agent import site_fraction
 from gateway.optimize import Battery, Plan, PlanInputs, StepLimits, plan_or_fallback
@@ -179,6 +188,8 @@ class PlannerStats:
     round_ms_last: float = 0.0  # history read + forecasts + solve, real time
     history_rows: int = 0
     load_source: str = ""
+    pv_source: str = ""  # model | external | external+model | none, last plan
+    pv_external: str = ""  # which external forecast the last plan used: file | mqtt | ""
     last_reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,6 +219,7 @@ class PlanJob:
     budget_ms: float
     award_w: FloatArray | None = None  # market commitments per step (+ sold), W
     pv_forecast_file: str | None = None  # an external PV forecast, re-read every plan
+    pv_mqtt: ExternalForecast | None = None  # the one held from MQTT forecast/pv (read-only)
 
 
 @dataclass(frozen=True)
@@ -221,12 +233,19 @@ class PlanResult:
     pv_source: str
     forecast_ms: float
     start: float = math.nan  # domain time of step 0 (the market agent bids from these inputs)
+    pv_external: str = ""  # the external forecast used: "file", "mqtt" or "" (none)
+    pv_notes: tuple[str, ...] = ()  # why external forecasts were passed over
 
 
 def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     """Forecast and optimize (CPU-bound, blocking: run on the planning thread).
 
     Raises ``ValueError`` for inputs that describe no household (see :func:`validate`).
+
+    PV: of the external forecasts at hand (``pv_forecast_file``, read now, and ``pv_mqtt``) the
+    newest usable one by ``issued`` (:func:`gateway.forecast.pv.pick_external`; a tie goes to
+    the file) replaces the own forecast on the steps it covers; stale (12 h), expired (ending
+    before the horizon starts) or short (under half the horizon) ones are passed over.
     """
     t0 = time.perf_counter()
     lf = forecast_load(job.hist_t, job.hist_load, job.now, step_s=job.step_s,
@@ -237,24 +256,31 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     n = job.horizon_s // job.step_s
     pv_source = "none"
     pv: FloatArray = np.zeros(n)
+    used = ""
+    pv_notes: list[str] = []
     if job.array is not None:
-        external = None
+        cands: list[tuple[str, ExternalForecast]] = []
         if job.pv_forecast_file:
             try:
-                external = load_external(job.pv_forecast_file)
+                cands.append(("file", load_external(job.pv_forecast_file)))
             except (ExternalForecastError, OSError, ValueError) as e:  # incl. undecodable
                 # The own forecast still plans; the reason is in the log (once per plan).
                 log.warning("planner: %s; using the own PV forecast", e)
+        if job.pv_mqtt is not None:
+            cands.append(("mqtt", job.pv_mqtt))
+        chosen, pv_notes = pick_external(cands, job.start, n, job.step_s, job.now)
         pf = forecast_pv(job.hist_t, job.hist_pv, job.now, job.array, step_s=job.step_s,
-                         horizon_s=job.horizon_s, external=external)
+                         horizon_s=job.horizon_s,
+                         external=chosen[1] if chosen is not None else None)
         pv, pv_source = pf.watts, pf.source
+        used = chosen[0] if chosen is not None and pf.source != "model" else ""
     forecast_ms = (time.perf_counter() - t0) * 1e3
     inputs = PlanInputs(step_s=job.step_s, load_w=lf.watts, pv_w=pv,
                         import_price=job.import_price, export_price=job.export_price,
                         battery=job.battery, limits=job.limits, award_w=job.award_w)
     plan = plan_or_fallback(inputs, budget_ms=job.budget_ms, solver=solver)
     return PlanResult(plan, inputs, lf.source, lf.history_days, pv_source, forecast_ms,
-                      start=job.start)
+                      start=job.start, pv_external=used, pv_notes=tuple(pv_notes))
 
 
 def planned_setpoints(state: SiteState, mode: ModeState, battery_w: float) -> Setpoints:
@@ -305,6 +331,7 @@ class Planner:
         self._busy: asyncio.Future[PlanResult] | None = None
         self._last_error = ""
         self._was_fallback = False
+        self._pv_said: tuple[str, tuple[str, ...]] = ("", ())
         self.waiting_for_battery = False
 
     @property
@@ -415,12 +442,15 @@ class Planner:
             self._fail(gw, f"no plan: {e}")
             return False
         h = self._hist
+        inbox = getattr(gw.mqtt, "pv_forecast", None)  # gateway.mqtt.PvForecastInbox
+        mqtt_pv = getattr(inbox, "current", None)
         job = PlanJob(now=now, start=start, step_s=c.step_s, horizon_s=c.horizon_s,
                       hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
                       import_price=imp, export_price=exp, battery=battery,
                       limits=limits if limits is not None else StepLimits.unlimited(n),
                       tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award,
-                      pv_forecast_file=c.pv_forecast_file)
+                      pv_forecast_file=c.pv_forecast_file,
+                      pv_mqtt=mqtt_pv if isinstance(mqtt_pv, ExternalForecast) else None)
         fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
         self._busy = fut
         # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).
@@ -450,6 +480,14 @@ class Planner:
         s = self.stats
         s.plans += 1
         s.load_source = res.load_source
+        s.pv_source, s.pv_external = res.pv_source, res.pv_external
+        # Once per change of what is used and why, not once per plan (ages and shares move).
+        said = (res.pv_external, tuple(re.sub(r"[\d.]+", "#", n) for n in res.pv_notes))
+        if said != self._pv_said:
+            self._pv_said = said
+            log.info("planner: PV from %s%s", f"the {res.pv_external} forecast"
+                     if res.pv_external else "the own forecast",
+                     f" ({'; '.join(res.pv_notes)})" if res.pv_notes else "")
         s.solve_ms_last = plan.solve_ms
         s.solve_ms_max = max(s.solve_ms_max, plan.solve_ms)
         if plan.source == "lp":

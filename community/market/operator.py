@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import signal
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -56,6 +55,8 @@ from community.market.messages import (
 )
 from community.market.schedule import Auction, Calendar
 from drivers.clock import Clock, SimClock, WallClock
+from gateway import mqtt_calls
+from gateway.mqtt_calls import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +251,9 @@ class MarketOperator:
         while True:
             try:
                 async with self._client() as client:
-                    await client.subscribe(self._filter("bids"), qos=1)
-                    await client.subscribe(self._filter("meter"), qos=1)
+                    for kind in ("bids", "meter"):
+                        await mqtt_calls.subscribe(client, self._filter(kind), qos=1,
+                                                   timeout_s=self.publish_timeout_s)
                     self.stats.connects += 1
                     self.connected.set()
                     delay = 0.5
@@ -259,8 +261,10 @@ class MarketOperator:
                              self.broker.host, self.broker.port)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._consume(client))
-                        tg.create_task(self._publisher(client))
+                        # In the body, not a task: see gateway.mqtt_calls (3.11 TaskGroups)
+                        await self._publisher(client)
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
+                raise_if_cancelling()  # a 3.11 TaskGroup puts a child's error first
                 msg = str(eg.exceptions[0]) or type(eg.exceptions[0]).__name__
                 if self.connected.is_set():
                     self.stats.disconnects += 1
@@ -279,8 +283,8 @@ class MarketOperator:
         connection loop reconnects). aiomqtt's own timeout goes through Python 3.11's
         ``asyncio.wait_for``, which can swallow a cancellation arriving as the PUBACK does and
         leave a task that never stops; ``asyncio.timeout`` does not."""
-        async with asyncio.timeout(self.publish_timeout_s):
-            await client.publish(topic, payload, qos=1, retain=retain, timeout=math.inf)
+        await mqtt_calls.publish(client, topic, payload, qos=1, retain=retain,
+                                 timeout_s=self.publish_timeout_s)
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         announced: str | None = None  # per connection: a new session announces again

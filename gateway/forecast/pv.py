@@ -15,9 +15,12 @@ Method (``forecast_pv``):
 4. Forecast = kt * scale * clear-sky, never above ``bound_factor`` x the learned clear-sky (nor
    the array's AC limit), zero at night.
 
-An ``ExternalForecast`` (CSV/JSON file or MQTT payload; ``parse_external``) replaces the model on
-the slots it covers when it is fresh (issued within ``max_external_age_s``) and covers at least
-``min_external_coverage`` of the horizon; otherwise it is ignored and ``PvForecast.notes`` says why.
+An ``ExternalForecast`` (a CSV/JSON file, ``parse_external``; or the retained MQTT topic
+``<root>/<site>/forecast/pv``, ``parse_forecast_message``) replaces the model on the slots it
+covers when it is fresh (issued within ``max_external_age_s``), has not expired (it still reaches
+the horizon's first slot) and covers at least ``min_external_coverage`` of the horizon; otherwise
+it is ignored and ``PvForecast.notes`` says why. With several (file and MQTT), ``pick_external``
+takes the newest usable one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -36,13 +40,25 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from gateway import messages
 from gateway.forecast.solar import PvArray, clear_sky_power
 
 FloatArray = NDArray[np.float64]
 
 
 class ExternalForecastError(ValueError):
-    """An external PV forecast could not be read; the message names what was wrong."""
+    """An external PV forecast could not be read; the message names what was wrong.
+
+    ``code`` is a short countable category (``oversize``, ``json``, ``schema``, ``site``,
+    ``non_finite``, ``negative``, ``absurd``, ``unsorted``, ``duplicate``, ``too_few``,
+    ``too_many``, ``span``, ``stale``, ``future``, ``expired``; ``invalid`` for files);
+    ``ref`` is the MQTT document's ``id`` when it could be read (echoed in the reply).
+    """
+
+    def __init__(self, message: str, code: str = "invalid", ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.ref = ref
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class ExternalForecast:
     times: FloatArray
     watts: FloatArray
     issued_at: float
+    ref: str | None = None  # the MQTT document's id (None for files)
 
     def __post_init__(self) -> None:
         if self.times.shape != self.watts.shape or self.times.ndim != 1:
@@ -261,6 +278,70 @@ def forecast_pv(
     return PvForecast(float(start), step_s, fc, clear_fc, float(kt), scale, source, tuple(notes))
 
 
+def _external_points(ext: ExternalForecast) -> tuple[FloatArray, FloatArray]:
+    """The finite points of ``ext``, sorted by time, watts floored at 0."""
+    ok = np.isfinite(ext.times) & np.isfinite(ext.watts)
+    et, ew = ext.times[ok], np.maximum(ext.watts[ok], 0.0)
+    order = np.argsort(et, kind="stable")
+    return et[order], ew[order]
+
+
+def _covered(et: FloatArray, times: FloatArray, step_s: int) -> NDArray[np.bool_]:
+    """Slots (starting at ``times``) that the series ``et`` spans (half a slot of slack)."""
+    return (times >= et[0] - step_s / 2) & (times + step_s <= et[-1] + step_s / 2)
+
+
+def external_unusable(
+    ext: ExternalForecast, times: FloatArray, now: float, step_s: int, cfg: PvConfig
+) -> str | None:
+    """Why ``ext`` cannot serve the horizon whose slots start at ``times``, or None if it can.
+
+    Stale: issued more than ``max_external_age_s`` before ``now``. Expired: it ends before the
+    horizon's first slot could be covered (it no longer reaches the horizon's start). Short:
+    fewer than 2 finite points, or under ``min_external_coverage`` of the horizon covered.
+    """
+    age = now - ext.issued_at
+    if age > cfg.max_external_age_s:
+        return f"stale ({age / 3600:.1f} h old)"
+    et, _ = _external_points(ext)
+    if et.size < 2:
+        return "fewer than 2 valid points"
+    if et[-1] < times[0] + step_s / 2:
+        return "expired (it ends before the horizon starts)"
+    cover = float(_covered(et, times, step_s).mean())
+    if cover < cfg.min_external_coverage:
+        return f"covers {cover:.0%} of the horizon"
+    return None
+
+
+def pick_external(
+    candidates: Sequence[tuple[str, ExternalForecast]],
+    start: float,
+    n: int,
+    step_s: int,
+    now: float,
+    config: PvConfig | None = None,
+) -> tuple[tuple[str, ExternalForecast] | None, list[str]]:
+    """The newest usable (label, forecast) of ``candidates`` for ``n`` slots from ``start``
+    (newest by ``issued_at``; a tie goes to the earlier candidate), and a note for each one
+    passed over. None when none is usable (the own forecast then plans)."""
+    cfg = config or PvConfig()
+    times = start + step_s * np.arange(n, dtype=np.float64)
+    notes: list[str] = []
+    best: tuple[str, ExternalForecast] | None = None
+    for label, ext in candidates:
+        why = external_unusable(ext, times, now, step_s, cfg)
+        if why is not None:
+            notes.append(f"{label} forecast ignored: {why}")
+        elif best is None or ext.issued_at > best[1].issued_at:
+            if best is not None:
+                notes.append(f"{best[0]} forecast ignored: {label} is newer")
+            best = (label, ext)
+        else:
+            notes.append(f"{label} forecast ignored: {best[0]} is newer")
+    return best, notes
+
+
 def _apply_external(
     ext: ExternalForecast,
     model: FloatArray,
@@ -270,21 +351,13 @@ def _apply_external(
     bound: FloatArray,
     cfg: PvConfig,
 ) -> tuple[FloatArray, str, str | None]:
-    age = now - ext.issued_at
-    if age > cfg.max_external_age_s:
-        return model, "model", f"external forecast ignored: stale ({age / 3600:.1f} h old)"
-    ok = np.isfinite(ext.times) & np.isfinite(ext.watts)
-    et, ew = ext.times[ok], np.maximum(ext.watts[ok], 0.0)
-    if et.size < 2:
-        return model, "model", "external forecast ignored: fewer than 2 valid points"
-    order = np.argsort(et)
-    et, ew = et[order], ew[order]
+    why = external_unusable(ext, times, now, step_s, cfg)
+    if why is not None:
+        return model, "model", f"external forecast ignored: {why}"
+    et, ew = _external_points(ext)
     # slot mean of the linearly interpolated external series (5 sub-points per slot)
     sub = times[:, None] + (np.arange(5) + 0.5) / 5 * step_s
-    covered = (times >= et[0] - step_s / 2) & (times + step_s <= et[-1] + step_s / 2)
-    cover = float(covered.mean())
-    if cover < cfg.min_external_coverage:
-        return model, "model", f"external forecast ignored: covers {cover:.0%} of the horizon"
+    covered = _covered(et, times, step_s)
     vals = np.interp(sub, et, ew).mean(axis=1)
     # an external value beyond the learned clear-sky bound is not physical for this array
     out = np.where(covered, np.minimum(vals, bound), model)
@@ -389,3 +462,106 @@ def load_external(
         raise ExternalForecastError(f"external forecast {p}: cannot read ({e.strerror})") from e
     fmt = p.suffix.lower().lstrip(".")
     return parse_external(text, fmt, issued_at=mtime if issued_at is None else issued_at)
+
+
+# --- the MQTT topic <root>/<site>/forecast/pv (docs/mqtt.md, schema forecast_pv.json) ----------
+
+MAX_MESSAGE_BYTES = 131072  # a week at 5 min, two points per step, fits with room to spare
+MAX_POINTS = 4096
+MAX_WATTS = 1e6  # 1 MW: beyond any home's array (the array's own bound caps it further)
+MAX_CLOCK_AHEAD_S = 300.0  # "issued" this far ahead of the gateway's clock is clock skew
+MAX_POINTS_BEFORE_S = 2 * 86400.0  # points may start this long before "issued" ...
+MAX_POINTS_AFTER_S = 8 * 86400.0  # ... and end at most this long after it
+
+
+def _bad(code: str, detail: str, ref: str | None = None) -> ExternalForecastError:
+    return ExternalForecastError(f"{code}: {detail}", code, ref)
+
+
+def _no_constant(name: str) -> float:
+    raise _bad("non_finite", f"{name} is not a number JSON allows")
+
+
+def parse_forecast_message(
+    payload: bytes,
+    *,
+    site: str,
+    now: float,
+    max_age_s: float | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> ExternalForecast:
+    """Parse and check one ``forecast/pv`` message (schema ``forecast_pv``).
+
+    ``{"v": 1, "site": s, "issued": t, "points": [[t, W], ...], "id"?: str, "source"?: str}``
+    with ``t`` in Unix seconds and ``W`` the PV AC power (>= 0) at that instant (interpolated
+    linearly in between), times strictly increasing. ``now`` is the gateway's (domain) time;
+    ``max_age_s`` defaults to ``PvConfig().max_external_age_s``. Raises
+    :class:`ExternalForecastError` (and nothing else) whose message starts with its ``code``,
+    e.g. ``"negative: points[3] watts -5"``.
+    The returned arrays are read-only and every value in them is finite.
+    """
+    max_age = PvConfig().max_external_age_s if max_age_s is None else max_age_s
+    if len(payload) > max_bytes:
+        raise _bad("oversize", f"payload {len(payload)} bytes > {max_bytes}")
+    try:
+        doc = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except ExternalForecastError:
+        raise
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an int beyond the digit limit.
+    except (ValueError, RecursionError) as e:
+        raise _bad("json", f"not UTF-8 JSON: {str(e)[:120]}") from None
+    ref = doc.get("id") if isinstance(doc, dict) else None
+    ref = ref if isinstance(ref, str) and 0 < len(ref) <= 64 else None
+    pts = doc.get("points") if isinstance(doc, dict) else None
+    if isinstance(pts, list) and len(pts) > MAX_POINTS:
+        raise _bad("too_many", f"{len(pts)} points > {MAX_POINTS}", ref)
+    errors = messages.validate("forecast_pv", doc)
+    if errors:
+        finite = any("finite" in e for e in errors)
+        raise _bad("non_finite" if finite else "schema", "; ".join(errors[:3]), ref)
+    if doc["site"] != site:
+        raise _bad("site", f"forecast for site {doc['site'][:48]!r}, this gateway is {site!r}",
+                   ref)
+    assert isinstance(pts, list)
+    try:
+        issued = float(doc["issued"])
+        pairs = [(float(p[0]), float(p[1])) for p in pts if len(p) == 2]
+    except OverflowError:  # a JSON integer beyond float range passes the schema's "number"
+        raise _bad("non_finite", "a number beyond the float range", ref) from None
+    if len(pairs) != len(pts):
+        i = next(i for i, p in enumerate(pts) if len(p) != 2)
+        raise _bad("schema", f"field 'points[{i}]': must be [time, watts], got {len(pts[i])} "
+                   "numbers", ref)
+    if not math.isfinite(issued):
+        raise _bad("non_finite", "field 'issued': must be a finite number", ref)
+    if issued > now + MAX_CLOCK_AHEAD_S:
+        raise _bad("future", f"issued {issued - now:.0f} s ahead of the gateway's clock "
+                   f"(at most {MAX_CLOCK_AHEAD_S:.0f} s)", ref)
+    if now - issued > max_age:
+        raise _bad("stale", f"issued {(now - issued) / 3600:.1f} h ago (at most "
+                   f"{max_age / 3600:g} h)", ref)
+    if len(pairs) < 2:
+        raise _bad("too_few", f"{len(pairs)} point(s); at least 2 are needed", ref)
+    for i, (t, w) in enumerate(pairs):
+        if not (math.isfinite(t) and math.isfinite(w)):
+            raise _bad("non_finite", f"points[{i}] is not finite", ref)
+        if w < 0:
+            raise _bad("negative", f"points[{i}] watts {w:g} (PV power is >= 0)", ref)
+        if w > MAX_WATTS:
+            raise _bad("absurd", f"points[{i}] watts {w:g} > {MAX_WATTS:g}", ref)
+        if i and t <= pairs[i - 1][0]:
+            what = "duplicate" if t == pairs[i - 1][0] else "unsorted"
+            raise _bad(what, f"points[{i}] time {t:.0f} is not after points[{i - 1}] "
+                       f"({pairs[i - 1][0]:.0f}); times must strictly increase", ref)
+    t0, t1 = pairs[0][0], pairs[-1][0]
+    if t0 < issued - MAX_POINTS_BEFORE_S or t1 > issued + MAX_POINTS_AFTER_S:
+        raise _bad("span", f"points from {t0 - issued:+.0f} s to {t1 - issued:+.0f} s of issued "
+                   f"(allowed {-MAX_POINTS_BEFORE_S:+.0f} to {MAX_POINTS_AFTER_S:+.0f} s)", ref)
+    if t1 < now:
+        raise _bad("expired", f"the last point is {now - t1:.0f} s before the gateway's clock",
+                   ref)
+    times = np.array([t for t, _ in pairs], dtype=np.float64)
+    watts = np.array([w for _, w in pairs], dtype=np.float64)
+    times.flags.writeable = False
+    watts.flags.writeable = False
+    return ExternalForecast(times, watts, issued, ref)

@@ -120,6 +120,23 @@ async def test_dso_cannot_publish_market_or_gateway_topics(secure_broker: Secure
     assert got == [marker]
 
 
+async def test_only_the_dashboard_sends_a_site_its_pv_forecast(secure_broker: SecureBroker
+                                                               ) -> None:
+    """The external PV forecast steers a site's plan: a neighbour (or the site itself) cannot
+    publish one, and a site reads only its own."""
+    b = secure_broker
+    marker = (f"{R}/home-2/forecast/pv", b'{"marker": 2}')
+    other = (f"{R}/home-1/forecast/pv", b'{"marker": 1}')
+    async with client(b, "home-2") as h2, client(b, "home-1") as h1, \
+            client(b, "dashboard") as dash:
+        await h2.subscribe(f"{R}/+/forecast/pv", qos=1)
+        await publish_all(h1, [(f"{R}/home-2/forecast/pv", b'{"forged": 1}')])
+        await publish_all(h2, [(f"{R}/home-2/forecast/pv", b'{"self": 1}')])
+        await publish_all(dash, [other, marker])
+        got = await read_until(h2, {marker})
+    assert got == [marker]
+
+
 async def test_site_cannot_read_another_sites_awards_commands_or_envelope(
         secure_broker: SecureBroker) -> None:
     b = secure_broker
