@@ -110,6 +110,13 @@ class AgentSettings:
     # inverter's response later the site is compliant *at* the control's start, not after it.
     # Loosening is never anticipated.
     lead_s: float = 10.0
+    # ...and at least this many times the longest gap between two of this gateway's cycles
+    # over the last ``lead_window`` cycles, at most ``lead_max_s``: a loop that has been seen
+    # to stall for 30 s (an SD card, a swap storm, an accelerated simulation) must apply a
+    # tightening 30 s and a cycle early, or the stall lands on the step and the site is over.
+    lead_gap_factor: float = 2.0
+    lead_window: int = 600
+    lead_max_s: float = 300.0
 
 
 @dataclass
@@ -123,6 +130,7 @@ class AgentStats:
     rate_limited: int = 0
     resubscribes: int = 0
     acks_queued: int = 0
+    max_lead_s: float = 0.0  # the longest anticipation of a tightening used (see lead_s)
     acks_dropped: int = 0
     enforce_errors: int = 0
     noncompliant_cycles: int = 0  # cycles where enforce() said the devices cannot comply
@@ -253,6 +261,8 @@ class EnvelopeAgent:
         self.last_site_w: float | None = None
         self.last_exceedance_w: float = 0.0
         self._last_t: float | None = None
+        self._step_ts: float | None = None
+        self._gaps: deque[float] = deque(maxlen=max(1, settings.lead_window))
         self._window: _Window | None = None
         self._closed: dict[float, _Window] = {}
         self._episode: _Episode | None = None
@@ -549,7 +559,7 @@ class EnvelopeAgent:
     def _anticipated(self, target: ActiveLimits, now: float) -> ActiveLimits:
         """``target`` tightened by the limits of the next change if it is within ``lead_s``."""
         nc = target.next_change
-        lead = self.settings.lead_s
+        lead = self.lead_s()
         if lead <= 0 or nc is None or nc - now > lead:
             return target
         ahead = self.schedule.active(nc).limits
@@ -557,12 +567,27 @@ class EnvelopeAgent:
                             for n in LIMIT_NAMES})
         return target if tighter == target.limits else replace(target, limits=tighter)
 
+    def lead_s(self) -> float:
+        """How early a tightening applies now: ``lead_s``, or ``lead_gap_factor`` times the
+        longest recent gap between cycles if that is more (at most ``lead_max_s``)."""
+        st = self.settings
+        if st.lead_s <= 0:
+            return 0.0
+        worst = max(self._gaps, default=0.0)
+        return max(st.lead_s, min(st.lead_max_s, st.lead_gap_factor * worst))
+
     def step(self, state: SiteState, desired: Commanded | None, connected: bool) -> Commanded:
         """This cycle's setpoints: the envelope (and device limits) applied to ``desired``.
 
         Without a meter reading the loop cannot close: the last setpoints are held (the daemon
         re-sends them within the revert time; a dead meter therefore keeps the last limit)."""
         now = state.ts
+        if self._step_ts is not None and now > self._step_ts:
+            self._gaps.append(now - self._step_ts)
+        self._step_ts = now
+        lead = self.lead_s()
+        if lead > self.stats.max_lead_s:
+            self.stats.max_lead_s = round(lead, 1)
         inv, bat = state.inverter, state.battery
         if inv is not None or bat is not None:
             rating = (inv.rated_w if inv else 0.0) + (bat.max_discharge_w if bat else 0.0)

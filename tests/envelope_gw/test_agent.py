@@ -329,6 +329,25 @@ def test_a_tightening_applies_lead_s_before_its_start_a_loosening_does_not() -> 
     assert export_now(a, NOW + 180) == 4000.0
 
 
+def test_a_loop_seen_to_stall_anticipates_a_tightening_by_twice_the_stall() -> None:
+    """A cycle gap of 40 s (the loop stalled) stretches the anticipation to 80 s: the next
+    stall may land on the step. Regular 1 s cycles keep it at lead_s; it is capped."""
+    a = make_agent()  # lead_s = 10 domain s
+    a.on_message(T_DEFAULT, default_doc(default("d1", NOW - 100, export_w=4000), NOW - 50), NOW)
+    a.on_message(T_CONTROLS, controls_doc(
+        [control("c1", NOW + 300, 120, NOW - 1, export_w=0)], NOW), NOW)
+    for k in range(5):  # regular cycles: the plain lead
+        out = a.step(_state(NOW + k, -1000.0, 3000.0), None, connected=True)
+    assert a.lead_s() == 10.0 and out.inverter_limit_pct == 100.0  # not curtailed yet
+    a.step(_state(NOW + 44, -1000.0, 3000.0), None, connected=True)  # a 40 s stall
+    assert a.lead_s() == 80.0
+    assert export_now(a, NOW + 210) == 4000.0  # 90 s before the start: not yet
+    assert export_now(a, NOW + 230) == 0.0  # 70 s before: tightened already
+    assert a.stats.max_lead_s == 80.0
+    a.step(_state(NOW + 2000, -1000.0, 3000.0), None, connected=True)  # a clock jump
+    assert a.lead_s() == a.settings.lead_max_s
+
+
 def _curtailed(t: float, site_w: float, pv_w: float, pct: float) -> SiteState:
     return SiteState(
         t, MeterReading(t, site_w, (None, None, None), None, None),
