@@ -437,8 +437,10 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         clock = SimClock(start=start, speed=speed, epoch=epoch)
         stop = asyncio.Event()
         days = [site_day(s.site, s.kind, day_start) for s in specs]
+        # No heartbeats: these gateways judge contact by their broker session (the default),
+        # and at x120 N sites' heartbeats would be signing work for nobody.
         pub = DsoPublisher(broker.url, key, clock, [d.schedule() for d in days],
-                           identifier=f"hems-community-dso-{tag}")
+                           identifier=f"hems-community-dso-{tag}", heartbeat_s=0.0)
         pub_task = asyncio.create_task(pub.run(stop))
         await asyncio.wait_for(pub.connected.wait(), 10.0)
         ledger_path = run_dir / "market.db"
@@ -705,7 +707,8 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
                                                                      bills.values())}
         picture = None
         if opts.picture:
-            picture = _picture(comm, bills, opts, start, day_start, out / "community-day.png")
+            picture = _picture(comm, bills, opts, start, day_start, out / "community-day.png",
+                               _verdict(_compliance(comm.homes, opts), opts.envelope_sample_s))
         errors = [e for h in comm.homes + (base.homes if base else []) for e in h["errors"]]
         report: dict[str, Any] = {
             "ok": not errors and (not costs.get("no_p2p") or
@@ -752,8 +755,15 @@ def _gateway_totals(homes: list[dict[str, Any]]) -> dict[str, Any]:
             "awards": sum(int((g.get("market") or {}).get("awards", 0)) for g in gs)}
 
 
+def _verdict(c: dict[str, Any], sample_s: float) -> str:
+    """The compliance check's one-line verdict for the picture."""
+    return (f"compliance ({sample_s:g} s samples): {c['episodes_beyond_tolerance']} episode(s) "
+            f"over the limit by > {c['tolerance_w']:g} W for > {c['response_s']:g} s; "
+            f"longest excursion {c['longest_exceedance_s']:g} s")
+
+
 def _picture(run: _DayRun, bills: dict[str, dict[str, float]], opts: CommunityOptions,
-             start: float, day_start: float, path: Path) -> Path | None:
+             start: float, day_start: float, path: Path, compliance: str = "") -> Path | None:
     try:
         from community.plot import AuctionRow, DaySeries, HomeSeries, render_day
     except ImportError:
@@ -777,7 +787,7 @@ def _picture(run: _DayRun, bills: dict[str, dict[str, float]], opts: CommunityOp
                            volume_kwh=a["volume_kwh"]) for a in run.auctions]
     series = DaySeries(t=list(t), homes=homes, auctions=auctions, price_floor=opts.price_floor,
                        price_cap=opts.price_cap, bills=bills,
-                       title=f"hems community demo: {len(homes)} homes")
+                       title=f"hems community demo: {len(homes)} homes", compliance=compliance)
     try:
         return render_day(series, path)
     except RuntimeError as e:  # matplotlib missing

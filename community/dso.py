@@ -7,6 +7,9 @@ schedule of CSIP-AUS controls per site and publishes it on the contract of ``doc
   that has not ended), ``{"v": 1, "site", "issued", "controls": [...], "sig"}``;
 * ``<root>/<site>/dso/default``  -- retained, QoS 1: the site's default control,
   ``{"v": 1, "site", "issued", "default": {...}, "sig"}``;
+* ``<root>/<site>/dso/heartbeat`` -- QoS 0, *not* retained, every ``heartbeat_s`` domain
+  seconds: ``{"v": 1, "site", "issued", "sig"}``, the DSO's signed sign of life (a gateway with
+  ``dso_heartbeat_timeout_s`` counts a silent DSO behind a live broker as lost contact);
 * ``<root>/<site>/dso/ack``      -- the gateway's acknowledgements, recorded here.
 
 Each message is signed as a whole with the DSO's Ed25519 key (``gateway.signing``); each control
@@ -100,6 +103,10 @@ class DsoTopics:
     def ack(self) -> str:
         return f"{self.root}/{self.site}/dso/ack"
 
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.root}/{self.site}/dso/heartbeat"
+
 
 @functools.cache
 def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -113,7 +120,8 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def validate_payload(name: str, value: Any) -> list[str]:
     """Problems of ``value`` against ``community/schemas/<name>.json`` (``dso_controls``,
-    ``dso_default``, ``dso_ack``); empty when valid. Messages name the field."""
+    ``dso_default``, ``dso_heartbeat``, ``dso_ack``); empty when valid. Messages name the
+    field."""
     errors: list[str] = []
     _gm._validate(load_schema(SCHEMA_DIR / f"{name}.json"), value, "", errors)
     return errors
@@ -659,6 +667,7 @@ class DsoStats:
     skipped: int = 0  # controls/defaults withheld because a gateway would refuse them now
     reloads: int = 0
     reload_errors: int = 0
+    heartbeats: int = 0  # heartbeat messages handed to the broker (QoS 0: not acknowledged)
     last_error: str | None = None
 
 
@@ -678,8 +687,10 @@ class DsoPublisher:
 
     Re-publishes a site when its schedule changes (:meth:`set_schedule`, :meth:`add_control`) or
     one of its published controls ends (from ``clock``, the domain time), and everything on each
-    (re)connection. Reconnects with exponential backoff (real seconds, ``min_backoff_s`` doubling
-    to ``max_backoff_s``). Records the gateways' acks in :attr:`acks`. Run it with :meth:`run`."""
+    (re)connection. Every ``heartbeat_s`` domain seconds (and at each connection) it publishes
+    each site's signed heartbeat (QoS 0, not retained; ``heartbeat_s = 0``: none). Reconnects
+    with exponential backoff (real seconds, ``min_backoff_s`` doubling to ``max_backoff_s``).
+    Records the gateways' acks in :attr:`acks`. Run it with :meth:`run`."""
 
     def __init__(
         self,
@@ -695,7 +706,11 @@ class DsoPublisher:
         min_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
         timeout_s: float = 5.0,
+        heartbeat_s: float = 60.0,
     ) -> None:
+        if not (math.isfinite(heartbeat_s) and heartbeat_s >= 0):
+            raise ValueError(f"heartbeat_s must be 0 (off) or a positive number of seconds, "
+                             f"got {heartbeat_s!r}")
         self.broker = Broker.from_url(broker_url)
         self.url = broker_url
         self.key = private_key
@@ -706,6 +721,8 @@ class DsoPublisher:
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self._next_beat: float | None = None  # domain time of the next heartbeat; None = now
         self.stats = DsoStats()
         self.acks = AckLog(ack_db)
         self.connected = asyncio.Event()
@@ -815,6 +832,13 @@ class DsoPublisher:
                 out.append((topics.default, st.default_msg, False))
         return out
 
+    def heartbeat(self, site: str, now: float) -> dict[str, Any]:
+        """The signed heartbeat of ``site`` at ``now`` (a fresh ``issued``, shared with the
+        documents' sequence, so it always increases)."""
+        msg = sign({"v": 1, "site": site, "issued": self._next_issued(now)}, self.key)
+        self._check("dso_heartbeat", msg)
+        return msg
+
     @staticmethod
     def _check(name: str, msg: dict[str, Any]) -> None:
         problems = validate_payload(name, msg)
@@ -831,6 +855,8 @@ class DsoPublisher:
         ts += [st.schedule.default.created - cfg.max_clock_skew_s for st in self._sites.values()
                if st.schedule.default is not None
                and st.schedule.default.created - cfg.max_clock_skew_s > now]
+        if self.heartbeat_s > 0 and self._next_beat is not None:
+            ts.append(self._next_beat)
         return min(ts) if ts else None
 
     # -- service
@@ -875,6 +901,7 @@ class DsoPublisher:
             await self._subscribe_acks(client, ack_topics)
             self.stats.connects += 1
             self._resend = True  # the broker may have lost retained messages while away
+            self._next_beat = None  # a heartbeat at once: nothing was delivered while away
             log.info("dso: connected to %s; publishing %d site(s)", self.url, len(self._sites))
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -905,9 +932,22 @@ class DsoPublisher:
                     if new:
                         self.stats.documents += 1
                         log.info("dso: published %s (issued %s)", topic, _iso(msg["issued"]))
+            if self.heartbeat_s > 0 and (self._next_beat is None or now >= self._next_beat):
+                await self._beat(client, now)
             self._resend = False
             self.connected.set()
             await self._wait(self._next_wake(now))
+
+    async def _beat(self, client: aiomqtt.Client, now: float) -> None:
+        """Every site's heartbeat. QoS 0 and not retained: a heartbeat is only worth anything
+        now; a lost one is covered by the next (the gateways' timeout spans several), and
+        neither the broker nor a reconnecting gateway should ever be handed an old one."""
+        for site in list(self._sites):
+            msg = self.heartbeat(site, now)
+            await mqtt_calls.publish(client, DsoTopics(site, self.root).heartbeat, _dumps(msg),
+                                     qos=0, retain=False, timeout_s=self.timeout_s)
+            self.stats.heartbeats += 1
+        self._next_beat = now + self.heartbeat_s
 
     async def _wait(self, wake: float | None) -> None:
         """Until the schedule changes or domain time reaches ``wake``."""
@@ -954,6 +994,7 @@ class DsoConfig:
     root: str = ROOT
     identifier: str | None = None
     reload_interval_s: float = 2.0  # real seconds between checks of the schedule file
+    heartbeat_s: float = 60.0  # domain s between each site's signed heartbeat; 0 = none
 
 
 async def run_dso(config: DsoConfig, stop: asyncio.Event, clock: Clock | None = None
@@ -966,7 +1007,8 @@ async def run_dso(config: DsoConfig, stop: asyncio.Event, clock: Clock | None = 
     schedules = load_schedule(config.schedule_path, now=clock.now(),
                               scenario_start=config.scenario_start)
     pub = DsoPublisher(config.broker_url, key, clock, schedules.values(), root=config.root,
-                       identifier=config.identifier, ack_db=config.ack_db)
+                       identifier=config.identifier, ack_db=config.ack_db,
+                       heartbeat_s=config.heartbeat_s)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(pub.run(stop))
         tg.create_task(_watch(config, pub, stop, clock))
@@ -1141,6 +1183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-db", default=None, help="SQLite file recording the gateways' acks")
     p.add_argument("--start", default=None, help="reference time of 'offset' entries (ISO)")
     p.add_argument("--root", default=ROOT, help="topic root")
+    p.add_argument("--heartbeat", type=float, default=60.0, metavar="S",
+                   help="seconds between each site's signed heartbeat (0 = none; gateways with "
+                        "dso_heartbeat_timeout_s need it)")
     return p
 
 
@@ -1213,8 +1258,12 @@ def dso_main(argv: Sequence[str]) -> int:
                 print(json.dumps(m, separators=(",", ":")))
             return 0
         a = build_parser().parse_args(argv)
+        if not (math.isfinite(a.heartbeat) and a.heartbeat >= 0):
+            raise ValueError(f"--heartbeat must be 0 (off) or a positive number of seconds, "
+                             f"got {a.heartbeat:g}")
         cfg = DsoConfig(a.schedule, a.key, a.broker, a.ack_db,
-                        parse_time(a.start) if a.start else None, a.root)
+                        parse_time(a.start) if a.start else None, a.root,
+                        heartbeat_s=a.heartbeat)
         asyncio.run(_serve(cfg))
         return 0
     except (ValueError, OSError) as e:  # ScheduleError, EnvelopeRejected, key/url problems

@@ -173,6 +173,9 @@ class EnvelopeSection:
     flood_burst: int = 30  # envelope messages accepted at once ...
     flood_per_min: float = 60.0  # ... and per minute after that (real time)
     status_interval_s: float = 60.0
+    # > 0: contact also needs a valid signed DSO message (heartbeat, controls or default)
+    # within this many domain seconds, not only the broker session; 0 = off (session alone).
+    dso_heartbeat_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -629,7 +632,7 @@ def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> Envelope
     r.unknown(t, {"dso_public_key", "dso_public_key_file", "fallback_export_w",
                   "fallback_import_w", "contact_timeout_s", "ramp_pct_per_min", "min_limit_pct",
                   "tolerance_w", "tolerance_pct", "flood_burst", "flood_per_min",
-                  "status_interval_s"}, p)
+                  "status_interval_s", "dso_heartbeat_timeout_s"}, p)
     key_b64 = r.get(t, "dso_public_key", p, str, "") or None
     key_file = r.get(t, "dso_public_key_file", p, str, "") or None
     if (key_b64 is None) == (key_file is None):
@@ -657,6 +660,15 @@ def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> Envelope
         return r.get(t, name, p, float, 0.0, check=watts)
 
     timeout = r.get(t, "contact_timeout_s", p, float, 1800.0, check=_range(0.0, 30 * 86400.0))
+    heartbeat = r.get(t, "dso_heartbeat_timeout_s", p, float, 0.0,
+                      check=lambda v: None if v == 0.0 or 10.0 <= v <= 86400.0 else
+                      f"must be 0 (off) or between 10 and 86400 s, got {v:g}")
+    if heartbeat > 0 and not timeout:
+        # Without a contact timeout, lost contact never applies the fallback: the heartbeat
+        # would be checked and then change nothing. Say so rather than pretend.
+        r.fail(f"{p}.dso_heartbeat_timeout_s", "needs contact_timeout_s > 0 (with "
+                                               "contact_timeout_s = 0 a silent DSO never "
+                                               "moves the site to the fallback)")
     return EnvelopeSection(
         dso_public_key=key,
         fallback_export_w=opt_w("fallback_export_w", 1500.0),
@@ -672,6 +684,7 @@ def _parse_envelope(data: Mapping[str, Any], r: _Reader, base: Path) -> Envelope
         flood_per_min=r.get(t, "flood_per_min", p, float, 60.0, check=_range(1.0, 60_000.0)),
         status_interval_s=r.get(t, "status_interval_s", p, float, 60.0,
                                 check=_range(1.0, 3600.0)),
+        dso_heartbeat_timeout_s=heartbeat,
     )
 
 

@@ -4,6 +4,7 @@ One :class:`EnvelopeAgent` per gateway (``[envelope]`` in the config). The daemo
 two places, both on the event loop (no locks):
 
 * the MQTT session hands it every message on ``<root>/<site>/dso/controls`` and ``.../default``
+  (and ``.../heartbeat`` when ``dso_heartbeat_timeout_s`` > 0)
   (:meth:`EnvelopeAgent.on_message`) and publishes what it queues (acks, the retained status)
   (:meth:`EnvelopeAgent.outgoing`);
 * the fast loop calls :meth:`EnvelopeAgent.step` once per cycle with the readings and the
@@ -30,11 +31,24 @@ with a reason, a counter per code and one log line; nothing rejected changes the
    ``set_default`` (supersede, per-control replay). Controls are judged one by one: a bad
    control in a validly signed document is rejected alone, the others are held.
 
+Heartbeats (``dso/heartbeat``, only with ``dso_heartbeat_timeout_s`` > 0): steps 1-3 as above
+(size bound ``_HEARTBEAT_MAX_BYTES``), then the shape ``{v: 1, site, issued}`` and no other key,
+``issued`` at most ``max_clock_skew_s`` (300 s) ahead of the gateway's clock (``issued``), not
+older than the last accepted heartbeat (``replay``; equal is a silent duplicate) and not older
+than the timeout itself (``stale``: it could not prove contact anyway). Accepted heartbeats are
+counted, not acked. Not persisted: a replayed heartbeat proves at most that the DSO was alive at
+its ``issued`` (see Contact), which is true.
+
 Persistence: the schedule and the replay state (:meth:`snapshot`) are handed to the daemon's
 store (key ``envelope`` of the ``kv`` table) on every change and restored by :meth:`restore`
 before the fast loop's first cycle, so a restart resumes the same limits before any write.
 
-Contact: "contact" is the MQTT session being connected (:meth:`step`'s ``connected``). Losing it
+Contact: "contact" is the MQTT session being connected (:meth:`step`'s ``connected``) and, with
+``dso_heartbeat_timeout_s`` > 0, also a *valid signed DSO message* issued within that timeout:
+a heartbeat, or a controls/default document that is new (``issued`` above the last accepted
+one; a retained copy re-delivered proves nothing). Such a message proves the DSO alive at
+``min(issued, now)``; an invalid one never counts. So a dead DSO publisher behind a live broker
+is lost contact too, ``dso_heartbeat_timeout_s`` after its last valid message. Losing contact
 changes nothing by itself (CSIP-AUS): held controls run to their end, then the default, then the
 configured fallback; after ``contact_timeout_s`` without contact every limit becomes the tighter
 of that and the fallback (``gateway.envelope`` rule 5). When contact returns, limits loosen at
@@ -87,6 +101,7 @@ log = logging.getLogger(__name__)
 _SNAPSHOT_FORMAT: Final = 1
 _MAX_REASON: Final = 500
 _MAX_ACKS: Final = 1000  # queued while the broker is away; the oldest go first
+_HEARTBEAT_MAX_BYTES: Final = 1024  # a valid heartbeat is ~170 bytes
 EventSink = Callable[[str, str, str, "dict[str, Any] | None"], None]
 
 
@@ -117,6 +132,9 @@ class AgentSettings:
     lead_gap_factor: float = 2.0
     lead_window: int = 600
     lead_max_s: float = 300.0
+    # > 0: contact also needs a valid signed DSO message issued within this many domain s
+    # (module docstring, "Contact"); 0 = the MQTT session alone (CSIP-AUS over MQTT as before).
+    dso_heartbeat_timeout_s: float = 0.0
 
 
 @dataclass
@@ -141,6 +159,8 @@ class AgentStats:
     max_import_exceedance_w: float = 0.0
     max_episode_s: float = 0.0
     max_episode_cycles: int = 0
+    heartbeats: int = 0  # valid DSO heartbeats accepted
+    dso_silences: int = 0  # times no valid DSO message arrived within dso_heartbeat_timeout_s
 
     def reject(self, code: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
@@ -237,6 +257,7 @@ class EnvelopeAgent:
         self.interval_s = telemetry_interval_s
         self.topic_controls = f"{root}/{site}/dso/controls"
         self.topic_default = f"{root}/{site}/dso/default"
+        self.topic_heartbeat = f"{root}/{site}/dso/heartbeat"
         self.topic_ack = f"{root}/{site}/dso/ack"
         self.topic_status = f"{root}/{site}/envelope/status"
         self.env_config = EnvelopeConfig(fallback=settings.fallback,
@@ -273,6 +294,10 @@ class EnvelopeAgent:
         self._status_t: float = -math.inf
         self.wake = asyncio.Event()  # set when something is queued for publication
         self._summary: tuple[Any, ...] | None = None
+        self._hb_issued: float | None = None  # `issued` of the last accepted heartbeat
+        self.dso_seen: float | None = None  # latest time a valid DSO message proves it alive
+        self._hb_t0: float | None = None  # first cycle: silence is judged from here until then
+        self._dso_silent = False
 
     # ------------------------------------------------------------------ persistence
 
@@ -323,20 +348,27 @@ class EnvelopeAgent:
     # ------------------------------------------------------------------ receiving
 
     @property
-    def subscriptions(self) -> tuple[str, str]:
-        return (self.topic_controls, self.topic_default)
+    def heartbeat_on(self) -> bool:
+        """Contact needs the DSO's signed messages, not only the broker session."""
+        return self.settings.dso_heartbeat_timeout_s > 0
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        topics = (self.topic_controls, self.topic_default)
+        return (*topics, self.topic_heartbeat) if self.heartbeat_on else topics
 
     def wants(self, topic: str) -> bool:
-        return topic in (self.topic_controls, self.topic_default)
+        return topic in self.subscriptions
 
     def on_message(self, topic: str, payload: bytes, now: float) -> None:
         """Handle one received message. Never raises on bad input."""
         kind = "controls" if topic == self.topic_controls else \
-            "default" if topic == self.topic_default else None
+            "default" if topic == self.topic_default else \
+            "heartbeat" if topic == self.topic_heartbeat and self.heartbeat_on else None
         if kind is None:
             return
         self.stats.messages += 1
-        if not payload:
+        if not payload and kind != "heartbeat":
             return  # a retained message being deleted: nothing to add (held controls stay)
         if not self._bucket.take():
             self.stats.rate_limited += 1
@@ -347,9 +379,13 @@ class EnvelopeAgent:
                 self._event("warning", "envelope", f"flood on {topic}: messages dropped", None)
             self._resync = True
             return
-        self.schedule.mark_contact(now)
+        if not self.heartbeat_on:
+            self.schedule.mark_contact(now)  # any message: the broker is there
         try:
-            self._handle(kind, payload, now)
+            if kind == "heartbeat":
+                self._handle_heartbeat(payload, now)
+            else:
+                self._handle(kind, payload, now)
         except Exception as e:  # a bug must not kill the session; nothing was loosened
             log.exception("envelope: handler failed")
             self._reject("internal", f"internal error: {type(e).__name__}", None, now)
@@ -388,6 +424,7 @@ class EnvelopeAgent:
         if last is not None and issued == last:
             self.stats.duplicates += 1
             return
+        self._heard(issued, now)  # a new document signed by the DSO: it was alive at `issued`
         changed = False
         if kind == "controls":
             for item in body["controls"]:
@@ -400,8 +437,96 @@ class EnvelopeAgent:
             self._status_due = True
             self.wake.set()
 
+    def _handle_heartbeat(self, payload: bytes, now: float) -> None:
+        if len(payload) > _HEARTBEAT_MAX_BYTES:
+            self._reject("oversize", f"heartbeat of {len(payload)} bytes > "
+                         f"{_HEARTBEAT_MAX_BYTES}", None, now)
+            return
+        try:
+            doc = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            self._reject("json", f"not UTF-8 JSON: {str(e)[:120]}", None, now)
+            return
+        try:
+            body = verify(doc, self.settings.public_key)
+        except SignatureInvalid as e:
+            self._reject("signature", e.reason, None, now)
+            return
+        problem = self._shape("heartbeat", body)
+        if problem is not None:
+            self._reject(problem[0], problem[1], None, now)
+            return
+        issued = float(body["issued"])
+        skew = self.env_config.max_clock_skew_s
+        if issued > now + skew:
+            # Accepted, it would also make every real heartbeat a "replay" until then.
+            self._reject("issued", f"heartbeat issued {issued - now:.0f} s in the future (max "
+                         f"clock skew {skew:.0f} s)", None, now)
+            return
+        last = self._hb_issued
+        if last is not None and issued < last:
+            self._reject("replay", f"heartbeat issued {issued:.3f} is older than the last "
+                         f"accepted one ({last:.3f})", None, now)
+            return
+        if last is not None and issued == last:
+            self.stats.duplicates += 1  # a QoS re-delivery: proves nothing new
+            return
+        timeout = self.settings.dso_heartbeat_timeout_s
+        if issued < now - timeout:
+            self._reject("stale", f"heartbeat issued {now - issued:.0f} s ago, longer than "
+                         f"dso_heartbeat_timeout_s ({timeout:.0f} s)", None, now)
+            return
+        self._hb_issued = issued
+        self.stats.heartbeats += 1
+        self._heard(issued, now)
+
+    def _heard(self, issued: float, now: float) -> None:
+        """A valid, new message signed by the DSO: it was alive at ``issued`` (or now, for a
+        clock ahead of ours). The proof is dated by ``issued``, so a delayed or replayed message
+        only ever covers what remains of its own window."""
+        if not self.heartbeat_on:
+            return
+        seen = min(issued, now)
+        if self.dso_seen is None or seen > self.dso_seen:
+            self.dso_seen = seen
+        if self._dso_alive(now):
+            self.schedule.mark_contact(now)  # it arrived: the broker is there too
+
+    def _dso_alive(self, now: float) -> bool:
+        """A valid DSO message was issued within ``dso_heartbeat_timeout_s`` (always true when
+        the heartbeat is off). A clock that went back before that message counts as silence
+        (until the next one): the safe side."""
+        timeout = self.settings.dso_heartbeat_timeout_s
+        if timeout <= 0:
+            return True
+        return self.dso_seen is not None and 0.0 <= now - self.dso_seen <= timeout
+
+    def _watch_silence(self, now: float, connected: bool) -> None:
+        """One event when the DSO falls silent, one when it is heard again."""
+        timeout = self.settings.dso_heartbeat_timeout_s
+        if self._hb_t0 is None:
+            self._hb_t0 = now
+        alive = self._dso_alive(now)
+        # Before any DSO message: silent only once the timeout has passed since the start.
+        silent = not alive and (self.dso_seen is not None or now - self._hb_t0 > timeout)
+        if silent and not self._dso_silent:
+            self.stats.dso_silences += 1
+            since = "since the start" if self.dso_seen is None else \
+                f"for {now - self.dso_seen:.0f} s"
+            msg = (f"no valid signed DSO message {since} (dso_heartbeat_timeout_s "
+                   f"{timeout:.0f} s): contact lost"
+                   + ("" if connected else " (the broker is down too)")
+                   + "; the fallback applies after contact_timeout_s")
+            log.warning("envelope: %s", msg)
+            self._event("warning", "envelope", msg, {"dso_seen": self.dso_seen})
+        elif not silent and self._dso_silent:
+            msg = "the DSO is heard again (a valid signed message): contact back"
+            log.info("envelope: %s", msg)
+            self._event("info", "envelope", msg, {"dso_seen": self.dso_seen})
+        self._dso_silent = silent
+
     def _shape(self, kind: str, body: dict[str, Any]) -> tuple[str, str] | None:
-        allowed = {"v", "site", "issued", kind}
+        allowed = {"v", "site", "issued"} | ({kind} if kind != "heartbeat" else set())
         extra = sorted(str(k) for k in body if k not in allowed)
         if extra:
             return "unknown_field", f"{kind} document has unknown field(s) {', '.join(extra)}"
@@ -414,6 +539,8 @@ class EnvelopeAgent:
         if (isinstance(issued, bool) or not isinstance(issued, int | float)
                 or not math.isfinite(issued) or issued <= 0):
             return "issued", f"{kind} document 'issued' must be a positive finite number"
+        if kind == "heartbeat":
+            return None
         content = body.get(kind)
         if kind == "controls":
             if not isinstance(content, list):
@@ -520,9 +647,14 @@ class EnvelopeAgent:
         return min(s.tolerance_w, s.tolerance_pct / 100.0 * inv.rated_w)
 
     def limits_at(self, now: float, connected: bool) -> ActiveLimits:
-        """Resolve (and ramp) the limits at ``now``; acks started/completed controls."""
-        if connected:
+        """Resolve (and ramp) the limits at ``now``; acks started/completed controls.
+
+        ``connected``: the MQTT session is up. Contact is marked when it is and, with the
+        heartbeat on, a valid DSO message was issued within ``dso_heartbeat_timeout_s``."""
+        if connected and self._dso_alive(now):
             self.schedule.mark_contact(now)
+        if self.heartbeat_on:
+            self._watch_silence(now, connected)
         done = self.schedule.expire(now)
         for c in done:
             self._ack(c.id, "completed", now, None if c.id in self._started else
@@ -779,6 +911,7 @@ def agent_settings(env: EnvelopeSection, cycle_s: float = 5.0) -> AgentSettings:
         flood_burst=env.flood_burst,
         flood_per_min=env.flood_per_min,
         status_interval_s=env.status_interval_s,
+        dso_heartbeat_timeout_s=env.dso_heartbeat_timeout_s,
     )
 
 

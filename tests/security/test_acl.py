@@ -137,6 +137,23 @@ async def test_only_the_dashboard_sends_a_site_its_pv_forecast(secure_broker: Se
     assert got == [marker]
 
 
+async def test_only_the_dso_sends_a_site_its_heartbeat(secure_broker: SecureBroker) -> None:
+    """The DSO heartbeat keeps a gateway in contact (``dso_heartbeat_timeout_s``): a site cannot
+    publish one for a neighbour, nor for itself (a compromised gateway must not keep itself "in
+    contact" with a dead DSO), and a site reads only its own."""
+    b = secure_broker
+    marker = (f"{R}/home-2/dso/heartbeat", b'{"marker": 2}')
+    other = (f"{R}/home-1/dso/heartbeat", b'{"marker": 1}')
+    async with client(b, "home-2") as h2, client(b, "home-1") as h1, client(b, "dso") as dso:
+        await h2.subscribe(f"{R}/+/dso/heartbeat", qos=1)
+        await publish_all(h1, [(f"{R}/home-2/dso/heartbeat", b'{"forged": 1}'),
+                               (f"{R}/home-1/dso/heartbeat", b'{"own": 1}')])
+        await publish_all(h2, [(f"{R}/home-2/dso/heartbeat", b'{"self": 2}')])
+        await publish_all(dso, [other, marker])
+        got = await read_until(h2, {marker})
+    assert got == [marker]
+
+
 async def test_site_cannot_read_another_sites_awards_commands_or_envelope(
         secure_broker: SecureBroker) -> None:
     b = secure_broker
