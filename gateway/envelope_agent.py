@@ -494,12 +494,15 @@ class EnvelopeAgent:
 
     def _dso_alive(self, now: float) -> bool:
         """A valid DSO message was issued within ``dso_heartbeat_timeout_s`` (always true when
-        the heartbeat is off). A clock that went back before that message counts as silence
-        (until the next one): the safe side."""
+        the heartbeat is off). A clock that went back more than ``_CLOCK_BACK_S`` before that
+        message counts as silence (until the next one): the safe side. A message that arrived
+        during this cycle is a little "after" the cycle's own time stamp: that is not a clock
+        going back (CI saw it call a live DSO silent for "-0 s")."""
         timeout = self.settings.dso_heartbeat_timeout_s
         if timeout <= 0:
             return True
-        return self.dso_seen is not None and 0.0 <= now - self.dso_seen <= timeout
+        return (self.dso_seen is not None
+                and -_CLOCK_BACK_S <= now - self.dso_seen <= timeout)
 
     def _watch_silence(self, now: float, connected: bool) -> None:
         """One event when the DSO falls silent, one when it is heard again."""
@@ -894,6 +897,11 @@ class EnvelopeAgent:
                          "exceedance_s": round(self.stats.exceedance_s, 1)},
         }
         return messages.dumps(payload)
+
+
+# How far "now" may lie before the last DSO message's time before the clock counts as gone back
+# (a cycle's time stamp is taken before the messages that arrive during the cycle).
+_CLOCK_BACK_S = 60.0
 
 
 def agent_settings(env: EnvelopeSection, cycle_s: float = 5.0) -> AgentSettings:

@@ -314,3 +314,16 @@ def test_property_hostile_heartbeats_never_loosen_the_limits(data: Any, genuine:
         assert got == want, (t - NOW, got, want)
         assert hostile.dso_seen == clean.dso_seen
     assert hostile.stats.heartbeats == clean.stats.heartbeats == len(accepted)
+
+
+def test_a_heartbeat_received_during_a_cycle_is_no_silence() -> None:
+    """The cycle's time stamp is taken before the messages that arrive while it runs: a
+    heartbeat stamped 0.4 s after the cycle's time is not a clock that went back (seen in CI as
+    a live DSO called silent for "-0 s"); a clock back by minutes still is."""
+    events: list[Event] = []
+    a = hb_agent(events)
+    a.on_message(T_HEARTBEAT, heartbeat(NOW + 0.4), NOW + 0.4)
+    assert source(a, NOW) == ("default", DEFAULT_W, False)
+    assert a.stats.dso_silences == 0 and not [e for e in events if e[0] == "warning"]
+    source(a, NOW - 300.0)  # the clock stepped back five minutes: silence, the safe side
+    assert a.stats.dso_silences == 1
