@@ -645,7 +645,8 @@ def render_day(series: DaySeries, path: str | Path) -> Path:
 
     t, homes = _checked(series)
     out = Path(path)
-    day0 = math.floor(float(t[0]) / 86400.0) * 86400.0
+    # The day most samples are on (a first sample a minute before midnight names no day).
+    day0 = math.floor(float(np.median(t)) / 86400.0) * 86400.0
     x = (t - day0) / 3600.0
     has_bills = bool(series.bills)
     height = HEIGHT_PX if has_bills else HEIGHT_NO_BILLS_PX
