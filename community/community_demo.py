@@ -705,10 +705,11 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
         costs = {k: round(sum(b[k] for b in bills.values()), 3)
                  for k in ("community", "no_p2p", "fit_only") if all(k in b for b in
                                                                      bills.values())}
+        envelope = _compliance(comm.homes, opts)
         picture = None
         if opts.picture:
             picture = _picture(comm, bills, opts, start, day_start, out / "community-day.png",
-                               _verdict(_compliance(comm.homes, opts), opts.envelope_sample_s))
+                               _verdict(envelope, opts.envelope_sample_s))
         errors = [e for h in comm.homes + (base.homes if base else []) for e in h["errors"]]
         report: dict[str, Any] = {
             "ok": not errors and (not costs.get("no_p2p") or
@@ -724,7 +725,7 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
             "tariff": {"feed_in": opts.price_floor, "retail": opts.price_cap,
                        "terminal_value": opts.terminal_value},
             "bills": per_home,
-            "envelope": _compliance(comm.homes, opts),
+            "envelope": envelope,
             "envelope_no_p2p": _compliance(base.homes, opts) if base else None,
             "gateways": _gateway_totals(comm.homes),
             "picture": str(picture) if picture else None,

@@ -284,6 +284,7 @@ class EnvelopeAgent:
         self._last_t: float | None = None
         self._step_ts: float | None = None
         self._gaps: deque[float] = deque(maxlen=max(1, settings.lead_window))
+        self._worst_gap = 0.0  # max(self._gaps)
         self._window: _Window | None = None
         self._closed: dict[float, _Window] = {}
         self._episode: _Episode | None = None
@@ -396,24 +397,31 @@ class EnvelopeAgent:
         log.warning("envelope: rejected %s: %s", cid_s or "message", reason)
         self._ack(cid_s, "rejected", now, f"{code}: {reason}")
 
-    def _handle(self, kind: str, payload: bytes, now: float) -> None:
-        s = self.settings
-        if len(payload) > s.max_bytes:
-            self._reject("oversize", f"{len(payload)} bytes > {s.max_bytes}", None, now)
-            return
+    def _verified(self, kind: str, payload: bytes, max_bytes: int,
+                  now: float) -> dict[str, Any] | None:
+        """The signed, well-shaped body of a DSO message, or None (rejected with its reason)."""
+        if len(payload) > max_bytes:
+            self._reject("oversize", f"{kind} of {len(payload)} bytes > {max_bytes}", None, now)
+            return None
         try:
             doc = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             self._reject("json", f"not UTF-8 JSON: {str(e)[:120]}", None, now)
-            return
+            return None
         try:
-            body = verify(doc, s.public_key)
+            body = verify(doc, self.settings.public_key)
         except SignatureInvalid as e:
             self._reject("signature", e.reason, None, now)
-            return
+            return None
         problem = self._shape(kind, body)
         if problem is not None:
             self._reject(problem[0], problem[1], None, now)
+            return None
+        return body
+
+    def _handle(self, kind: str, payload: bytes, now: float) -> None:
+        body = self._verified(kind, payload, self.settings.max_bytes, now)
+        if body is None:
             return
         issued = float(body["issued"])
         last = self._issued.get(kind)
@@ -438,23 +446,8 @@ class EnvelopeAgent:
             self.wake.set()
 
     def _handle_heartbeat(self, payload: bytes, now: float) -> None:
-        if len(payload) > _HEARTBEAT_MAX_BYTES:
-            self._reject("oversize", f"heartbeat of {len(payload)} bytes > "
-                         f"{_HEARTBEAT_MAX_BYTES}", None, now)
-            return
-        try:
-            doc = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            self._reject("json", f"not UTF-8 JSON: {str(e)[:120]}", None, now)
-            return
-        try:
-            body = verify(doc, self.settings.public_key)
-        except SignatureInvalid as e:
-            self._reject("signature", e.reason, None, now)
-            return
-        problem = self._shape("heartbeat", body)
-        if problem is not None:
-            self._reject(problem[0], problem[1], None, now)
+        body = self._verified("heartbeat", payload, _HEARTBEAT_MAX_BYTES, now)
+        if body is None:
             return
         issued = float(body["issued"])
         skew = self.env_config.max_clock_skew_s
@@ -708,8 +701,7 @@ class EnvelopeAgent:
         st = self.settings
         if st.lead_s <= 0:
             return 0.0
-        worst = max(self._gaps, default=0.0)
-        return max(st.lead_s, min(st.lead_max_s, st.lead_gap_factor * worst))
+        return max(st.lead_s, min(st.lead_max_s, st.lead_gap_factor * self._worst_gap))
 
     def step(self, state: SiteState, desired: Commanded | None, connected: bool) -> Commanded:
         """This cycle's setpoints: the envelope (and device limits) applied to ``desired``.
@@ -718,7 +710,14 @@ class EnvelopeAgent:
         re-sends them within the revert time; a dead meter therefore keeps the last limit)."""
         now = state.ts
         if self._step_ts is not None and now > self._step_ts:
-            self._gaps.append(now - self._step_ts)
+            gap = now - self._step_ts
+            dropped = self._gaps[0] if len(self._gaps) == self._gaps.maxlen else 0.0
+            self._gaps.append(gap)
+            # The window's max once per cycle, and only rescanned when the max left it.
+            if gap >= self._worst_gap:
+                self._worst_gap = gap
+            elif dropped >= self._worst_gap:
+                self._worst_gap = max(self._gaps)
         self._step_ts = now
         lead = self.lead_s()
         if lead > self.stats.max_lead_s:

@@ -442,15 +442,14 @@ class Planner:
             self._fail(gw, f"no plan: {e}")
             return False
         h = self._hist
-        inbox = getattr(gw.mqtt, "pv_forecast", None)  # gateway.mqtt.PvForecastInbox
-        mqtt_pv = getattr(inbox, "current", None)
+        mqtt_pv = gw.mqtt.pv_forecast.current if gw.mqtt is not None else None
         job = PlanJob(now=now, start=start, step_s=c.step_s, horizon_s=c.horizon_s,
                       hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
                       import_price=imp, export_price=exp, battery=battery,
                       limits=limits if limits is not None else StepLimits.unlimited(n),
                       tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award,
                       pv_forecast_file=c.pv_forecast_file,
-                      pv_mqtt=mqtt_pv if isinstance(mqtt_pv, ExternalForecast) else None)
+                      pv_mqtt=mqtt_pv)
         fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
         self._busy = fut
         # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).

@@ -505,7 +505,6 @@ class Aggregator:
         self._reset()
         self._prev: tuple[float, float | None, float | None, float | None] | None = None
         self._prev_counters: Counters | None = None
-        self.bridged_s = 0.0  # domain seconds of gaps bridged by the counters
         self.totals_wh: dict[str, float] = {"import": 0.0, "export": 0.0, "pv": 0.0,
                                             "load": 0.0, "charge": 0.0, "discharge": 0.0}
 
@@ -555,7 +554,6 @@ class Aggregator:
         dt = ts - prev[0]
         if dt > self.max_gap_s and prev_c is not None and counters is not None:
             self._bridge(counter_deltas(prev_c, counters, dt))
-            self.bridged_s += dt
             return
         if not 0 < dt <= self.max_gap_s:
             return

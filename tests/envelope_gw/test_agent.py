@@ -346,6 +346,13 @@ def test_a_loop_seen_to_stall_anticipates_a_tightening_by_twice_the_stall() -> N
     assert a.stats.max_lead_s == 80.0
     a.step(_state(NOW + 2000, -1000.0, 3000.0), None, connected=True)  # a clock jump
     assert a.lead_s() == a.settings.lead_max_s
+    # a window of regular cycles later the stalls are forgotten: the plain lead again
+    t = NOW + 2000
+    for k in range(1, a.settings.lead_window + 1):
+        a.step(_state(t + k, -1000.0, 3000.0), None, connected=True)
+        if k == a.settings.lead_window - 1:
+            assert a.lead_s() == a.settings.lead_max_s  # the jump is still in the window
+    assert a.lead_s() == 10.0
 
 
 def _curtailed(t: float, site_w: float, pv_w: float, pct: float) -> SiteState:

@@ -126,6 +126,16 @@ class Site:
         return [r for r in rows if kind is None or r[2] == kind]
 
 
+async def export_held(site: Site, limit_w: float, domain_s: float = 10.0) -> None:
+    """After the loop has had time to settle, the true export stays within ``limit_w``."""
+    await site.settle(15.0)
+    t_end = site.clock.now() + domain_s
+    while site.clock.now() < t_end:
+        st = site.sim.physics.state()
+        assert -st.site_w <= limit_w + TOLERANCE_W, (st.t, st.site_w, limit_w)
+        await site.settle(1.0)
+
+
 def telemetry_rows(db: Path) -> list[tuple[int, float]]:
     conn = sqlite3.connect(db)
     try:

@@ -22,9 +22,8 @@ from gateway.envelope import ActiveLimits
 from .harness import (
     EXPORT_W,
     START,
-    TOLERANCE_W,
-    Site,
     default_schedule,
+    export_held,
     running_site,
     wait_until,
 )
@@ -35,16 +34,6 @@ HB_S = 150.0  # dso_heartbeat_timeout_s: 2.5 x the publisher's default 60 s peri
 CT_S = 60.0  # contact_timeout_s
 FALLBACK_W = 300.0  # the harness's [envelope] fallback_export_w
 RATING_W = 6000.0  # inverter 5000 W + battery discharge 1000 W: the ramp's base
-
-
-async def export_held(site: Site, limit_w: float, domain_s: float = 10.0) -> None:
-    """After the loop has had time to settle, the true export stays within ``limit_w``."""
-    await site.settle(15.0)
-    t_end = site.clock.now() + domain_s
-    while site.clock.now() < t_end:
-        st = site.sim.physics.state()
-        assert -st.site_w <= limit_w + TOLERANCE_W, (st.t, st.site_w, limit_w)
-        await site.settle(1.0)
 
 
 async def test_dead_dso_behind_a_live_broker_is_lost_contact(mosquitto: Any,

@@ -13,7 +13,7 @@ import pytest
 from community.dso import SiteSchedule
 from gateway.envelope import Control, DefaultControl
 
-from .harness import SITE, TOLERANCE_W, Site, running_site, wait_until
+from .harness import SITE, export_held, running_site, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -26,16 +26,6 @@ def schedule(start: float) -> SiteSchedule:
         SITE, DefaultControl(id="def", site=SITE, created=start - 100, export_w=800.0),
         (Control(id="ctl", site=SITE, created=start - 50, start=start - 10,
                  duration_s=CONTROL_S, export_w=500.0),))
-
-
-async def export_held(site: Site, limit_w: float, domain_s: float = 10.0) -> None:
-    """After the loop has had time to settle, the true export stays within ``limit_w``."""
-    await site.settle(15.0)
-    t_end = site.clock.now() + domain_s
-    while site.clock.now() < t_end:
-        st = site.sim.physics.state()
-        assert -st.site_w <= limit_w + TOLERANCE_W, (st.t, st.site_w, limit_w)
-        await site.settle(1.0)
 
 
 async def test_dso_silent_then_broker_gone(mosquitto: Any, tmp_path: Path) -> None:
