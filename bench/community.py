@@ -46,7 +46,9 @@ def run_one(homes: int, args: argparse.Namespace) -> dict[str, Any]:
 
     opts = CommunityOptions(homes=homes, sim_hours=args.hours, speed=args.speed,
                             cycle_s=args.cycle, interval_s=args.interval, workers=args.workers,
-                            start=args.start, baseline=False, picture=False)
+                            start=args.start, baseline=False, picture=False,
+                            devices=args.devices, solver=args.solver,
+                            elastic=not args.rigid)
     cpu0, wall0 = _cpu_s(), time.monotonic()
     r = asyncio.run(run_community(opts))
     wall = time.monotonic() - wall0
@@ -55,7 +57,9 @@ def run_one(homes: int, args: argparse.Namespace) -> dict[str, Any]:
     due = max(1, int(args.hours * 3600 / args.cycle) * homes)
     return {
         "homes": homes, "wall_s": round(wall, 1), "day_wall_s": r["wall_s"]["community"],
-        "speed": r["speed"], "cycle_s": args.cycle, "interval_s": args.interval,
+        "speed": r["speed"], "effective_speed": r["effective_speed"],
+        "held_s": r["held_s"]["community"], "devices": r["devices"],
+        "cycle_s": args.cycle, "interval_s": args.interval,
         "workers": r["workers"], "cpu_s": round(cpu, 1),
         "cycles": g["cycles"], "cycles_due": due,
         "late_cycle_pct": round(100.0 * g["overruns"] / max(1, g["cycles"]), 2),
@@ -77,6 +81,10 @@ def main() -> int:
     p.add_argument("--speed", type=float, default=None, help="default: auto_speed")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--start", default="2026-06-21T00:00:00Z")
+    p.add_argument("--devices", choices=("tcp", "inproc"), default="tcp")
+    p.add_argument("--solver", choices=("highs", "cvxpy"), default="highs")
+    p.add_argument("--rigid", action="store_true",
+                   help="a rigid timeline (no hold while a loop is behind)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     runs = []
@@ -84,7 +92,9 @@ def main() -> int:
         r = run_one(n, args)
         runs.append(r)
         print(f"{n:3d} homes: {r['wall_s']:7.1f} s wall for {args.hours:g} simulated h "
-              f"(x{r['speed']:g}, cycle {r['cycle_s']:g} s, interval {r['interval_s']} s, "
+              f"(x{r['speed']:g} at most, x{r['effective_speed']:g} in effect, timeline held "
+              f"{r['held_s']} s; devices {r['devices']}, solver {args.solver}; cycle "
+              f"{r['cycle_s']:g} s, interval {r['interval_s']} s, "
               f"{r['workers']} workers); CPU {r['cpu_s']} s; cycles {r['cycles']}/"
               f"{r['cycles_due']} due, {r['late_cycle_pct']} % late; plans {r['plans']} "
               f"({r['fallbacks']} fallback); bids {r['bids_sent']}, awards {r['awards']}, "

@@ -85,6 +85,17 @@ class CommunityOptions:
     picture: bool = True
     envelope_sample_s: float = 5.0  # domain s between physics samples for compliance
     response_s: float = 15.0  # an exceedance shorter than this is a response, not a breach
+    # how gateways reach their simulated devices: "tcp" (a pymodbus server per device, real
+    # Modbus TCP) or "inproc" (the same devices and requests without sockets, drivers.inproc:
+    # for communities too large for the wire's CPU cost)
+    devices: str = "tcp"
+    # hold the shared timeline while a process' event loop is behind (drivers.clock.govern):
+    # the speed becomes the most the day runs at, and a short CPU slows it instead of leaving
+    # sites uncontrolled for the domain time a stall lasts
+    elastic: bool = True
+    # the planners' LP solve ([planner] solver): "highs" (the LP held in HiGHS, ~3x less CPU
+    # per solve) or "cvxpy" (the reference model); the same LP, the same plans
+    solver: str = "highs"
 
     def __post_init__(self) -> None:
         if self.homes < 2:
@@ -99,6 +110,8 @@ class CommunityOptions:
             raise ValueError(f"interval_s must be >= 300 and divide a day, got {self.interval_s}")
         if not 0 <= self.price_floor < self.price_cap:
             raise ValueError("need 0 <= price_floor < price_cap")
+        if self.devices not in ("tcp", "inproc"):
+            raise ValueError(f"devices must be 'tcp' or 'inproc', got {self.devices!r}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,8 @@ class WorkerJob:
     tolerance_w: float
     day_start: float
     stuck_after_s: float = 600.0
+    devices: str = "tcp"
+    hold: Any = None  # drivers.clock.TimeHold shared with the parent (None: a rigid timeline)
 
 
 def _gateway_config(spec: HomeSpec, job: WorkerJob, sim: Any) -> Any:
@@ -205,7 +220,9 @@ def _gateway_config(spec: HomeSpec, job: WorkerJob, sim: Any) -> Any:
     return parse_config({
         "site_id": spec.site,
         "devices": [{"kind": e.kind, "name": f"{spec.site}-{e.kind}", "host": e.host,
-                     "port": e.port, "unit": e.unit, "timeout_s": 1.0} for e in sim.endpoints],
+                     "transport": e.transport, "unit": e.unit, "timeout_s": 1.0,
+                     **({"port": e.port} if e.transport == "tcp" else {})}
+                    for e in sim.endpoints],
         "broker": {"url": job.broker_url, "keepalive_s": 30, "connect_timeout_s": 10.0},
         "store": {"path": str(Path(job.out_dir) / f"{spec.site}.db"),
                   "telemetry_interval_s": 60.0, "commit_interval_s": 300.0},
@@ -261,7 +278,7 @@ async def _sample(physics: Any, clock: Any, until: float, out: _Samples, has_bat
 
 async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
     from community.demo import EnvelopeObserver
-    from drivers.clock import SimClock
+    from drivers.clock import SimClock, govern
     from firmware_sim.server import run_home
     from gateway.daemon import run_gateway
     from gateway.planner import in_plan_thread, warm_up
@@ -272,12 +289,14 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
     conn.send(("ready", os.getpid()))
     msg = await asyncio.to_thread(conn.recv)
     epoch = float(msg[1])
-    clock = SimClock(start=job.start, speed=job.speed, epoch=epoch)
+    clock = SimClock(start=job.start, speed=job.speed, epoch=epoch, hold=job.hold)
     results: list[dict[str, Any]] = []
+    governor = asyncio.create_task(govern(job.hold)) if job.hold is not None else None
     async with contextlib.AsyncExitStack() as stack:
         runs = []
         for spec in job.homes:
-            sim = await stack.enter_async_context(run_home(clock, spec.config))
+            sim = await stack.enter_async_context(
+                run_home(clock, spec.config, transport=job.devices, name=spec.site))
             day = site_day(spec.site, spec.kind, job.day_start)
             obs = EnvelopeObserver(sim.physics, clock, day.limits_at, job.tolerance_w,
                                    step_s=job.envelope_sample_s)
@@ -295,8 +314,8 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
         # The day ends at ``job.end`` of domain time; a gateway gets its shutdown bound and a
         # margin on top, then whatever still runs is reported (with its stack) and cancelled:
         # a stuck gateway must show up in the report, not hang the demo.
-        grace = max(0.0, (job.end - clock.now()) / job.speed) + 60.0
-        done = await _gather_bounded(tasks, grace)
+        await _until_domain(clock, job.end, tasks)
+        done = await _gather_bounded(tasks, 60.0)
         for i, (spec, _sim, day, obs, smp, _cfg) in enumerate(runs):
             stats = done[3 * i]
             errors = [repr(x) for x in done[3 * i: 3 * i + 3] if isinstance(x, BaseException)]
@@ -308,9 +327,21 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
                 "episodes": obs.episodes(),
                 "samples": asdict(smp),
             })
+        if governor is not None:
+            governor.cancel()
         # Send before the servers and sessions close: a slow teardown must not lose the day.
         conn.send(("done", results))
     return results
+
+
+async def _until_domain(clock: Any, end: float, tasks: list[asyncio.Task[Any]]) -> None:
+    """Until domain time reaches ``end`` or every task is done (an elastic timeline may take
+    longer than ``end / speed`` real seconds: wait on domain time, not on a real deadline)."""
+    while clock.now() < end:
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        await asyncio.wait(pending, timeout=max(0.5, (end - clock.now()) / clock.speed))
 
 
 async def _gather_bounded(tasks: list[asyncio.Task[Any]], timeout_s: float) -> list[Any]:
@@ -375,6 +406,7 @@ class _DayRun:
     auctions: list[dict[str, Any]]
     dso_acks: dict[str, int]
     operator: dict[str, Any]
+    held_s: float = 0.0  # real seconds the timeline was held (elastic runs)
 
 
 def _split(items: Sequence[HomeSpec], k: int) -> list[tuple[HomeSpec, ...]]:
@@ -388,7 +420,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
     from community.dso import DsoPublisher
     from community.market import MarketOperator
     from community.market.ledger import Ledger
-    from drivers.clock import SimClock
+    from drivers.clock import SimClock, TimeHold, govern
     from gateway.signing import public_key_to_b64
 
     day_start = start - start % 86400.0
@@ -398,6 +430,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
     for f in run_dir.glob("*.db*"):  # every day starts from empty stores and ledger
         f.unlink()
     key = Ed25519PrivateKey.generate()
+    hold = TimeHold() if opts.elastic else None
     mqtt_v = 5 if broker.kind == "mosquitto" else 3
     job0 = dict(
         broker_url=broker.url, dso_public_key=public_key_to_b64(key.public_key()),
@@ -407,6 +440,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         # fleet should: in lockstep, ten plans and bid curves at each boundary stall the fast
         # loops sharing a worker's interpreter.
         planner={"step_s": opts.interval_s, "horizon_s": 86400, "budget_ms": 2000.0,
+                 "solver": opts.solver,
                  "terminal_value_per_kwh": opts.terminal_value,
                  "spread_s": min(60.0, opts.interval_s / 4)},
         market_table={"enabled": True, "community": COMMUNITY, "price_floor": opts.price_floor,
@@ -415,8 +449,8 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
                       "bid_spread_s": min(120.0, opts.interval_s / 4)},
         tariff_table={"import_per_kwh": opts.price_cap, "feed_in_per_kwh": opts.price_floor},
         envelope_sample_s=opts.envelope_sample_s,
-        tolerance_w=100.0, day_start=day_start,
-        stuck_after_s=opts.sim_hours * 3600.0 / speed * 3.0 + 60.0,
+        tolerance_w=100.0, day_start=day_start, devices=opts.devices, hold=hold,
+        stuck_after_s=opts.sim_hours * 3600.0 / speed * 6.0 + 120.0,
     )
     nworkers = opts.workers or max(1, os.cpu_count() or 1)
     ctx = mp.get_context("spawn")
@@ -434,8 +468,9 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
             if msg[0] != "ready":
                 raise RuntimeError(f"community worker failed to start:\n{msg[1]}")
         epoch = time.time() + 1.0
-        clock = SimClock(start=start, speed=speed, epoch=epoch)
+        clock = SimClock(start=start, speed=speed, epoch=epoch, hold=hold)
         stop = asyncio.Event()
+        governor = asyncio.create_task(govern(hold)) if hold is not None else None
         days = [site_day(s.site, s.kind, day_start) for s in specs]
         # No heartbeats: these gateways judge contact by their broker session (the default),
         # and at x120 N sites' heartbeats would be signing work for nobody.
@@ -457,13 +492,19 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         for _p, conn in procs:
             conn.send(("go", epoch))
         homes: list[dict[str, Any]] = []
-        limit = opts.sim_hours * 3600.0 / speed * 4.0 + 120.0
         for _p, conn in procs:
-            msg = await asyncio.to_thread(_recv, conn, limit)
+            # the day's end in domain time (an elastic timeline can run slower than ``speed``),
+            # then the worker's own 60 s to stop its gateways, and a margin
+            while clock.now() < end and not conn.poll():
+                await asyncio.to_thread(conn.poll, 0.5)
+            msg = await asyncio.to_thread(_recv, conn, 180.0)
             if msg[0] != "done":
                 raise RuntimeError(f"community worker failed:\n{msg[1]}")
             homes.extend(msg[1])
         wall = time.monotonic() - wall0
+        held = hold.seconds if hold is not None else 0.0
+        if governor is not None:
+            governor.cancel()
         await asyncio.sleep(0.3)  # the last acks and meter reports
         stop.set()
         await pub_task
@@ -489,7 +530,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
             lg.close()
         if op is not None:
             op_stats = asdict(op.stats)
-    return _DayRun(homes, mkt, wall, awards, auctions, acks, op_stats)
+    return _DayRun(homes, mkt, wall, awards, auctions, acks, op_stats, held)
 
 
 def _recv(conn: Connection, timeout_s: float) -> Any:
@@ -720,6 +761,11 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
             "interval_s": opts.interval_s, "workers": min(opts.workers or os.cpu_count() or 1,
                                                           opts.homes),
             "broker": broker_kind,
+            "devices": opts.devices,
+            # elastic timeline: the real seconds it was held and the speed it really ran at
+            "held_s": {"community": round(comm.held_s, 1),
+                       "no_p2p": round(base.held_s, 1) if base else None},
+            "effective_speed": round(opts.sim_hours * 3600.0 / max(comm.wall_s, 1e-9), 1),
             "market": comm.market,
             "costs": costs,
             "tariff": {"feed_in": opts.price_floor, "retail": opts.price_cap,
@@ -802,8 +848,10 @@ def format_report(r: dict[str, Any]) -> str:
     kinds = ", ".join(f"{v} {k}" for k, v in r["kinds"].items())
     lines = [
         f"hems community demo: {r['homes']} homes ({kinds}), "
-        f"{r['sim_hours']:g} simulated h at x{r['speed']:g}, {r['workers']} worker process(es), "
-        f"broker {r['broker']}; wall {r['wall_s']['total']} s",
+        f"{r['sim_hours']:g} simulated h at x{r['speed']:g} at most (x{r['effective_speed']:g} "
+        f"in effect, timeline held {r['held_s']['community']} s), {r['workers']} worker "
+        f"process(es), devices {r['devices']}, broker {r['broker']}; "
+        f"wall {r['wall_s']['total']} s",
         f"  market: {m.get('intervals', 0)} auctions ({m.get('intervals_traded', 0)} traded), "
         f"{m.get('bids', 0)} bids, {m.get('trades', 0)} awards, {m.get('traded_kwh', 0)} kWh at "
         f"avg {m.get('avg_price')} /kWh",

@@ -20,7 +20,7 @@ from drivers.sunspec.devices import (
 from drivers.sunspec.discovery import DEFAULT_BASES, SunSpecMap, discover
 
 Kind = Literal["meter", "inverter", "battery"]
-Transport = Literal["tcp", "rtu", "rtu-over-tcp"]
+Transport = Literal["tcp", "rtu", "rtu-over-tcp", "inproc"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +28,10 @@ class DeviceSpec:
     """How to reach one device and what it is.
 
     ``transport``: ``"tcp"`` (Modbus TCP), ``"rtu-over-tcp"`` (RTU frames through a serial
-    gateway's TCP port) or ``"rtu"`` (a local serial port, ``serial_port``). ``register_map``
-    (a TOML path or a shipped map name such as ``"sdm630"``) selects a non-SunSpec device;
-    without it the device is discovered as SunSpec.
+    gateway's TCP port), ``"rtu"`` (a local serial port, ``serial_port``) or ``"inproc"`` (a
+    simulated device registered in this process under the name ``host``,
+    :mod:`drivers.inproc`). ``register_map`` (a TOML path or a shipped map name such as
+    ``"sdm630"``) selects a non-SunSpec device; without it the device is discovered as SunSpec.
     """
 
     kind: Kind
@@ -50,10 +51,9 @@ class DeviceSpec:
         label = self.name or f"{self.kind} device"
         if self.kind not in ("meter", "inverter", "battery"):
             raise ValueError(f"{label}: kind must be meter, inverter or battery, got {self.kind!r}")
-        if self.transport not in ("tcp", "rtu", "rtu-over-tcp"):
-            raise ValueError(
-                f"{label}: transport must be tcp, rtu or rtu-over-tcp, got {self.transport!r}"
-            )
+        if self.transport not in ("tcp", "rtu", "rtu-over-tcp", "inproc"):
+            raise ValueError(f"{label}: transport must be tcp, rtu, rtu-over-tcp or inproc, "
+                             f"got {self.transport!r}")
         if self.transport == "rtu" and not self.serial_port:
             raise ValueError(f"{label}: transport rtu needs serial_port")
         if self.transport != "rtu" and not self.host:
@@ -80,6 +80,8 @@ def make_link(spec: DeviceSpec) -> ModbusLink:
             name=spec.name,
         )
     assert spec.host is not None
+    if spec.transport == "inproc":
+        return ModbusLink.inproc(spec.host, spec.unit, timeout_s=spec.timeout_s, label=spec.name)
     return ModbusLink.tcp(
         spec.host,
         spec.port,

@@ -30,6 +30,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.framer import FramerType
 
+from drivers.inproc import InProcessClient
 from drivers.natures import DeviceError, DeviceRejected, DeviceTimeout
 
 #: Modbus limits per request (Modbus application protocol v1.1b3, FC03/04 and FC16).
@@ -57,7 +58,7 @@ class WriteRefused(DeviceRejected):
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 
-_Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+_Client = AsyncModbusTcpClient | AsyncModbusSerialClient | InProcessClient
 
 
 def exception_name(code: int) -> str:
@@ -176,6 +177,17 @@ class ModbusLink:
             reconnect_delay=0,
         )
         return cls(client, unit=unit, where=where, name=name or where, timeout_s=timeout_s)
+
+    @classmethod
+    def inproc(
+        cls, name: str, unit: int, *, timeout_s: float = 1.0, label: str | None = None
+    ) -> ModbusLink:
+        """A device registered in this process under ``name`` (:mod:`drivers.inproc`: for
+        simulations of many homes in one process; the same requests, no bytes on a wire)."""
+        _check_args(label or name, unit, timeout_s)
+        where = f"inproc:{name}/unit {unit}"
+        return cls(InProcessClient(name, timeout_s), unit=unit, where=where,
+                   name=label or where, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ lifecycle
     @property

@@ -43,7 +43,9 @@ import numpy as np
 from pymodbus.constants import ExcCodes
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from drivers import inproc
 from drivers.clock import Clock
+from drivers.inproc import DropConnection
 from drivers.sunspec.models import PointDef, decode_raw, encode_raw, int_to_regs, scale
 from firmware_sim.faults import DeviceFaults, FaultKind
 from firmware_sim.home import HomePhysics, HomeState
@@ -187,6 +189,34 @@ class SimulatedDevice:
         devs.append(SimDevice(id=0, simdata=other, action=self._wrong_unit))
         return devs
 
+    async def modbus_request(
+        self, unit: int, function_code: int, address: int, count: int,
+        values: list[int] | None,
+    ) -> list[int] | int:
+        """The same request, answered in process (:mod:`drivers.inproc`): what the pymodbus
+        server would answer, through the same :meth:`action` hook and the same faults (no reply
+        = never return, drop = :class:`~drivers.inproc.DropConnection`)."""
+        if unit != self.unit:
+            return int(ExcCodes.GATEWAY_NO_RESPONSE)
+        if function_code not in (3, 4, 16):
+            return int(ExcCodes.ILLEGAL_FUNCTION)
+        limit = 123 if function_code == 16 else 125
+        if not 1 <= count <= limit:
+            return int(ExcCodes.ILLEGAL_VALUE)
+        if address < self.image.base or address + count > self.image.base + len(self.regs):
+            return int(ExcCodes.ILLEGAL_ADDRESS)
+        active = self.faults.current()
+        if active:
+            if FaultKind.DROP in active:
+                raise DropConnection(f"{self.kind}: drop fault")
+            if FaultKind.TIMEOUT in active:
+                await asyncio.Event().wait()  # the reply never comes; the client times out
+        buf = [0] * count
+        code = await self.action(function_code, address, address, count, buf, values)
+        if code is not None:
+            return int(code)
+        return [] if values is not None else buf
+
     async def _wrong_unit(self, *_: Any) -> ExcCodes | None:
         return ExcCodes.GATEWAY_NO_RESPONSE
 
@@ -203,7 +233,7 @@ class SimulatedDevice:
 
     def drop_connections(self) -> int:
         """Close every client connection of this device's server(s)."""
-        n = 0
+        n = inproc.disconnect(self)
         for srv in self.servers:
             for conn in list(srv.active_connections.values()):
                 conn.close()

@@ -1,5 +1,6 @@
 """Serve simulated homes over real Modbus TCP: one pymodbus server per device, like three boxes
-on a LAN, each on its own port.
+on a LAN, each on its own port; or, for large communities in one process, in process
+(``transport="inproc"``, :mod:`drivers.inproc`: the same devices and answers, no sockets).
 
 * :func:`run_home` - one home, as an async context manager yielding a :class:`SimulatedHome`;
 * :func:`run_homes` - N homes (community demos) sharing the loaded datasets;
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 
 from pymodbus.server import ModbusTcpServer
 
+from drivers import inproc
 from drivers.clock import Clock, SimClock, WallClock
 from firmware_sim.devices import KINDS, SimulatedDevice, build_devices
 from firmware_sim.faults import DeviceFaults
@@ -31,15 +33,20 @@ from firmware_sim.image import RegisterImage
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a simulated device answers. ``kind`` is "inverter", "battery" or "meter"."""
+    """Where a simulated device answers. ``kind`` is "inverter", "battery" or "meter";
+    ``transport`` "tcp" (``host:port``) or "inproc" (``host`` is the in-process name, port 0)."""
 
     kind: str
     host: str
     port: int
     unit: int
+    transport: str = "tcp"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.transport == "tcp":  # the `hems sim` ready line keeps its four keys
+            del d["transport"]
+        return d
 
 
 @dataclass
@@ -51,6 +58,7 @@ class SimulatedHome:
     devices: dict[str, SimulatedDevice]
     endpoints: list[Endpoint] = field(default_factory=list)
     servers: dict[str, ModbusTcpServer] = field(default_factory=dict)
+    inproc_names: list[str] = field(default_factory=list)
 
     @property
     def faults(self) -> dict[str, DeviceFaults]:
@@ -71,6 +79,9 @@ class SimulatedHome:
         return json.dumps({"devices": [e.as_dict() for e in self.endpoints]})
 
     async def close(self) -> None:
+        for name in self.inproc_names:
+            inproc.unserve(name)
+        self.inproc_names.clear()
         for srv in self.servers.values():
             with contextlib.suppress(Exception):
                 await srv.shutdown()
@@ -94,11 +105,19 @@ async def start_home(
     *,
     load: StepProfile | None = None,
     pv: StepProfile | None = None,
+    transport: str = "tcp",
+    name: str | None = None,
 ) -> SimulatedHome:
     """Start one home's servers; the caller must :meth:`SimulatedHome.close` it.
 
     ``ports`` gives (inverter, battery, meter) ports; ``None`` or 0 = a free port each.
+    ``transport="inproc"`` registers the devices in this process as ``<name>-<kind>`` instead
+    (``name`` unique among the process' homes; :mod:`drivers.inproc`).
     """
+    if transport not in ("tcp", "inproc"):
+        raise ValueError(f"transport must be 'tcp' or 'inproc', got {transport!r}")
+    if transport == "inproc" and not name:
+        raise ValueError("an in-process home needs a name")
     physics = HomePhysics(home, clock, load=load, pv=pv)
     devices = build_devices(physics, units=units, base=base)
     sim = SimulatedHome(config=home, physics=physics, devices=devices)
@@ -106,6 +125,12 @@ async def start_home(
         for kind in KINDS:
             dev = devices.get(kind)
             if dev is None:
+                continue
+            if transport == "inproc":
+                key = f"{name}-{kind}"
+                inproc.serve(key, dev)
+                sim.inproc_names.append(key)
+                sim.endpoints.append(Endpoint(kind, key, 0, dev.unit, "inproc"))
                 continue
             port = int(ports[KINDS.index(kind)]) if ports else 0
             srv = ModbusTcpServer(
@@ -132,9 +157,13 @@ async def run_home(
     *,
     load: StepProfile | None = None,
     pv: StepProfile | None = None,
+    transport: str = "tcp",
+    name: str | None = None,
 ) -> AsyncIterator[SimulatedHome]:
-    """Run one home's three devices on real Modbus TCP servers; shut them down on exit."""
-    sim = await start_home(clock, home, host, ports, units, base, load=load, pv=pv)
+    """Run one home's three devices on real Modbus TCP servers (or in process, see
+    :func:`start_home`); shut them down on exit."""
+    sim = await start_home(clock, home, host, ports, units, base, load=load, pv=pv,
+                           transport=transport, name=name)
     try:
         yield sim
     finally:

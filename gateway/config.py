@@ -25,6 +25,9 @@ from gateway.tariff import DEFAULT_TOU, Tariff, flat, hourly
 T = TypeVar("T")
 
 DEVICE_KINDS = ("meter", "inverter", "battery")
+# "inproc": a simulated device registered in the same process (drivers.inproc), for the
+# community simulation; never a real device
+TRANSPORTS = ("tcp", "rtu", "rtu-over-tcp", "inproc")
 _SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -45,7 +48,7 @@ class DeviceConfig:
 
     kind: str  # meter | inverter | battery
     name: str
-    transport: str = "tcp"  # tcp | rtu | rtu-over-tcp
+    transport: str = "tcp"  # one of TRANSPORTS
     host: str | None = None
     port: int = 502
     unit: int = 1
@@ -155,6 +158,10 @@ class PlannerConfig:
     # Domain s: plan this site's share of it after each step boundary (and after an award), so
     # a fleet of gateways sharing a machine, a broker or a market does not plan in lockstep.
     spread_s: float = 0.0
+    # "cvxpy": the LP through cvxpy (the reference model, gateway.optimize.problem); "highs":
+    # the same LP held in HiGHS directly (gateway.optimize.highs_lp: ~3x less CPU per solve,
+    # warm-started bid curves; for many gateways on one machine). Either falls back to the rule.
+    solver: str = "cvxpy"
 
 
 @dataclass(frozen=True)
@@ -352,8 +359,8 @@ def _parse_devices(data: Mapping[str, Any], r: _Reader) -> tuple[DeviceConfig, .
                      check=lambda s: None if _NAME_RE.match(s) else
                      f"must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-', got {s!r}")
         transport = r.get(d, "transport", p, str, "tcp",
-                          check=lambda s: None if s in ("tcp", "rtu", "rtu-over-tcp") else
-                          f"must be 'tcp', 'rtu' or 'rtu-over-tcp', got {s!r}")
+                          check=lambda s: None if s in TRANSPORTS else
+                          f"must be one of {', '.join(TRANSPORTS)}, got {s!r}")
         host = r.get(d, "host", p, str, "") or None
         port = r.get(d, "port", p, int, 502, check=_port_check)
         unit = r.get(d, "unit", p, int, 1,
@@ -571,7 +578,7 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
     r.unknown(t, {"enabled", "step_s", "horizon_s", "budget_ms", "timezone", "lat", "lon",
                   "pv_kwp", "pv_tilt_deg", "pv_azimuth_deg", "pv_ac_limit_w",
                   "battery_capacity_wh", "battery_efficiency", "degradation_per_kwh",
-                  "terminal_value_per_kwh", "pv_forecast_file", "spread_s"}, p)
+                  "terminal_value_per_kwh", "pv_forecast_file", "spread_s", "solver"}, p)
     step = r.get(t, "step_s", p, int, 900, check=lambda s: None if s >= 300 and 86400 % s == 0
                  else f"must be >= 300 and divide a day (86400 s), got {s}")
     horizon = r.get(t, "horizon_s", p, int, 86400,
@@ -619,6 +626,9 @@ def _parse_planner(t: Mapping[str, Any], r: _Reader) -> PlannerConfig:
         spread_s=r.get(t, "spread_s", p, float, 0.0,
                        check=lambda v: None if 0.0 <= v <= step / 2 else
                        f"must be between 0 and half of step_s ({step / 2:g}), got {v:g}"),
+        solver=r.get(t, "solver", p, str, "cvxpy",
+                     check=lambda v: None if v in ("cvxpy", "highs") else
+                     f"must be 'cvxpy' or 'highs', got {v!r}"),
     )
 
 

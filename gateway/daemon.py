@@ -324,7 +324,9 @@ class Gateway:
     async def fast_loop(self) -> None:
         cycle = self.cfg.control.cycle_s
         next_t = self.clock.now()
-        mono, dom = time.monotonic(), next_t
+        # real time as the clock counts it: a simulation's held timeline is no clock step
+        real = getattr(self.clock, "monotonic", time.monotonic)
+        mono, dom = real(), next_t
         while not self.stop.is_set():
             await self.cycle()
             self.heartbeat = time.monotonic()
@@ -333,7 +335,7 @@ class Gateway:
             # The clock itself stepped (NTP after an RTC-less boot, an operator): domain time
             # moved unlike real time. Backwards, the next cycle would be a whole jump away (the
             # loop would stall, the devices revert); forwards, it would count as an overrun.
-            m = time.monotonic()
+            m = real()
             jump = (now - dom) - (m - mono) * self.clock.speed
             mono, dom = m, now
             if abs(jump) > max(2 * cycle, 5.0):

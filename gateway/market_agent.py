@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from gateway.daemon import Gateway
+    from gateway.optimize.fallback import Solver
     from gateway.optimize.inputs import PlanInputs
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,8 @@ def provisional_total(export_kwh: float, amount: float, metered_kwh: float, feed
 
 
 def interval_curve(inputs: PlanInputs, plan_start: float, t0: float, t1: float,
-                   prices: Sequence[float], time_limit_s: float | None = None) -> Curve:
+                   prices: Sequence[float], time_limit_s: float | None = None,
+                   solver: Solver | None = None) -> Curve:
     """The plan's net-export curve over ``[t0, t1)`` (blocking: run on the planning thread).
 
     Each planning step the interval overlaps gets :func:`bid_curve` (that step traded at the
@@ -304,7 +306,8 @@ def interval_curve(inputs: PlanInputs, plan_start: float, t0: float, t1: float,
     p = np.asarray(sorted(prices), dtype=np.float64)
     total = np.zeros(p.size)
     for k, ov in parts:
-        c = bid_curve(inputs, k, p, time_limit_s)
+        c = bid_curve(inputs, k, p, time_limit_s) if solver is None else \
+            bid_curve(inputs, k, p, time_limit_s, solver=solver)
         total += c.net_export_wh * (ov / inputs.step_s)
     return Curve(tuple(float(x) for x in p), tuple(float(x) for x in total))
 
@@ -923,7 +926,8 @@ def plan_bidder(gw: Gateway, settings: MarketSettings) -> Bidder:
             return "the plan has no start time"
         prices = a.price_grid(settings.prices)
         curve = await in_plan_thread(interval_curve, res.inputs, start, a.delivery_start,
-                                     a.delivery_end, prices, settings.time_limit_s)
+                                     a.delivery_end, prices, settings.time_limit_s,
+                                     planner.solver)
         # The envelope as held now may be tighter than when the plan was made.
         span = a.delivery_end - a.delivery_start
         lim = gw.limits_for_horizon(a.delivery_start, 1, span)

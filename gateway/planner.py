@@ -93,6 +93,17 @@ def _plan_thread() -> ThreadPoolExecutor:
     return _executor
 
 
+def solver_for(name: str) -> Solver:
+    """The LP solve of ``[planner] solver``: "cvxpy" (reference) or "highs" (direct)."""
+    if name == "highs":
+        from gateway.optimize.highs_lp import solve_plan_highs
+
+        return solve_plan_highs
+    if name != "cvxpy":
+        raise ValueError(f"planner solver must be 'cvxpy' or 'highs', got {name!r}")
+    return solve_plan
+
+
 def warm_up(steps: int, step_s: float) -> None:
     """Compile the LP of this shape (in whichever process plans)."""
     compiled(steps, step_s)
@@ -313,10 +324,10 @@ def _history_rows(store: Store, since: float, after_seq: int) -> tuple[int, Floa
 class Planner:
     """The slow loop's state for one gateway: history cache, the plan in use, counters."""
 
-    def __init__(self, config: Config, *, solver: Solver = solve_plan) -> None:
+    def __init__(self, config: Config, *, solver: Solver | None = None) -> None:
         self.cfg: PlannerConfig = config.planner
         self.tariff = config.tariff.tariff
-        self.solver = solver
+        self.solver: Solver = solver or solver_for(self.cfg.solver)
         self.tz: tzinfo | None = None if self.cfg.timezone == "UTC" else ZoneInfo(
             self.cfg.timezone)
         c = self.cfg

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.optimize.fallback import Solver
 from gateway.optimize.inputs import FloatArray, PlanInputs, validate
 from gateway.optimize.problem import solve_plan
 
@@ -54,6 +55,7 @@ def bid_curve(
     step: int,
     prices: FloatArray | list[float],
     time_limit_s: float | None = None,
+    solver: Solver = solve_plan,
 ) -> BidCurve:
     """Re-solve the plan once per price with interval ``step`` traded at that price.
 
@@ -75,8 +77,8 @@ def bid_curve(
     def solve_at(i: int) -> float:
         if np.isnan(raw[i]):
             market_price[step] = p[i]
-            plan = solve_plan(x.with_market(market_price.copy(), market_weight.copy()),
-                              time_limit_s=time_limit_s)
+            plan = solver(x.with_market(market_price.copy(), market_weight.copy()),
+                          time_limit_s=time_limit_s)
             raw[i] = (plan.export_w[step] - plan.import_w[step]) * x.dt_h
         return float(raw[i])
 

@@ -1,0 +1,76 @@
+"""The elastic simulated timeline: a shared hold, never going back, held while a loop is behind."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+
+import pytest
+
+from drivers.clock import SimClock, TimeHold, govern
+
+
+def _child_adds(hold: TimeHold, seconds: float) -> None:
+    hold.add(seconds)
+
+
+def test_a_hold_added_in_another_process_is_seen_here() -> None:
+    hold = TimeHold()
+    clock = SimClock(start=1000.0, speed=100.0, hold=hold)
+    p = mp.get_context("spawn").Process(target=_child_adds, args=(hold, 2.5))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert hold.seconds == pytest.approx(2.5)
+    # 2.5 real s held at x100: domain time is 250 s behind an unheld clock on the same epoch
+    free = SimClock(start=1000.0, speed=100.0, epoch=clock.epoch)
+    assert free.now() - clock.now() == pytest.approx(250.0, abs=1.0)
+
+
+def test_domain_time_never_goes_back() -> None:
+    hold = TimeHold()
+    clock = SimClock(start=0.0, speed=1000.0, hold=hold)
+    time.sleep(0.02)
+    before = clock.now()
+    hold.add(10.0)  # 10 000 domain s back: the process' clock stands still instead
+    assert clock.now() == before
+    assert clock.now() == before
+
+
+async def test_sleep_until_waits_out_a_hold_added_while_asleep() -> None:
+    hold = TimeHold()
+    clock = SimClock(start=0.0, speed=100.0, hold=hold)
+    target = clock.now() + 10.0  # 0.1 s real
+
+    async def add_later() -> None:
+        await asyncio.sleep(0.05)
+        hold.add(0.1)
+
+    t0 = time.monotonic()
+    await asyncio.gather(clock.sleep_until(target), add_later())
+    assert clock.now() >= target
+    assert time.monotonic() - t0 >= 0.19  # 0.1 s asleep + 0.1 s held
+    t1 = clock.now()
+    await clock.sleep(5.0)
+    assert clock.now() - t1 >= 5.0
+
+
+async def test_govern_holds_the_timeline_while_the_loop_is_blocked() -> None:
+    hold = TimeHold()
+    task = asyncio.create_task(govern(hold, period_s=0.005, slack_s=0.002))
+    await asyncio.sleep(0.05)
+    quiet = hold.seconds
+    time.sleep(0.2)  # noqa: ASYNC251 - the point: a loop busy with something else
+    await asyncio.sleep(0.03)
+    task.cancel()
+    assert quiet < 0.05
+    assert hold.seconds - quiet >= 0.15
+
+
+def test_without_a_hold_the_clock_is_unchanged() -> None:
+    clock = SimClock(start=0.0, speed=50.0)
+    a = clock.now()
+    time.sleep(0.02)
+    assert clock.now() - a == pytest.approx(1.0, abs=0.5)
+    assert clock.hold is None
