@@ -206,3 +206,23 @@ def test_without_counters_a_gap_still_invents_nothing() -> None:
     agg.add(3600.0, 1000.0, 500.0, None, None, 0, "auto", None)
     assert all(v == 0.0 for v in agg.totals_wh.values())
 
+
+
+def test_market_upsert_inserts_then_updates_only_the_given_columns(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "g.db")
+    key = {"community": "c1", "interval_id": "i1"}
+    s.market_upsert({**key, "delivery_start": 0.0, "delivery_end": 900.0, "bid_id": "b1",
+                     "bid_seq": 1})
+    s.market_upsert({**key, "award_export_kwh": 0.25, "bid_seq": 2})
+    s.market_upsert({**key})  # nothing to update: the row stays as it is
+    s.market_upsert({"community": "c1", "interval_id": "i2", "delivery_start": 900.0,
+                     "delivery_end": 1800.0})
+    got = s.market_rows()
+    assert [r["interval_id"] for r in got] == ["i1", "i2"]
+    assert (got[0]["bid_id"], got[0]["bid_seq"], got[0]["award_export_kwh"]) == ("b1", 2, 0.25)
+    with pytest.raises(ValueError, match="unknown column"):
+        s.market_upsert({**key, "price; DROP TABLE market": 1})
+    with pytest.raises(ValueError, match="needs community and interval_id"):
+        s.market_upsert({"community": "c1", "bid_seq": 3})
+    assert len(s.market_rows()) == 2
+    s.close()
