@@ -297,7 +297,8 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
     epoch = float(msg[1])
     clock = SimClock(start=job.start, speed=job.speed, epoch=epoch, hold=job.hold)
     results: list[dict[str, Any]] = []
-    governor = asyncio.create_task(govern(job.hold)) if job.hold is not None else None
+    governor = (asyncio.create_task(govern(job.hold, slack_s=_slack_s(job.speed)))
+                if job.hold is not None else None)
     async with contextlib.AsyncExitStack() as stack:
         runs = []
         for spec in job.homes:
@@ -338,6 +339,12 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
         # Send before the servers and sessions close: a slow teardown must not lose the day.
         conn.send(("done", results))
     return results
+
+
+def _slack_s(speed: float) -> float:
+    """The lag (real s) an elastic timeline accepts without holding: one domain second (a slow
+    device reply; a cycle is 10 s and the envelope's tolerance 15 s), at least 2 ms."""
+    return max(0.002, 1.0 / speed)
 
 
 async def _until_domain(clock: Any, end: float, tasks: list[asyncio.Task[Any]]) -> None:
@@ -476,7 +483,8 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         epoch = time.time() + 1.0
         clock = SimClock(start=start, speed=speed, epoch=epoch, hold=hold)
         stop = asyncio.Event()
-        governor = asyncio.create_task(govern(hold)) if hold is not None else None
+        governor = (asyncio.create_task(govern(hold, slack_s=_slack_s(speed)))
+                    if hold is not None else None)
         days = [site_day(s.site, s.kind, day_start) for s in specs]
         # No heartbeats: these gateways judge contact by their broker session (the default),
         # and at x120 N sites' heartbeats would be signing work for nobody.

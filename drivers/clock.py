@@ -146,13 +146,16 @@ class SimClock:
 async def govern(hold: TimeHold, period_s: float = 0.01, slack_s: float = 0.002) -> None:
     """Hold the shared timeline while this process' event loop is behind (runs until cancelled).
 
-    Every ``period_s`` real seconds it measures how late its own wake-up was; a lateness above
+    Every ``period_s`` real seconds it measures how late its own wake-up was; a lateness beyond
     ``slack_s`` means the loop (or the CPU) was busy with other work, and every task of this
-    process was delayed as much: the timeline is held for that long, so the delay is not domain
-    time lost by the controllers. Returns nothing; counts nothing (the hold's total says it)."""
+    process was delayed as much: the timeline is held for the excess, so the delay is not domain
+    time lost by the controllers. What other processes held meanwhile counts as held for this
+    one too (two processes behind at once hold the timeline once, not twice). ``slack_s`` is the
+    delay a simulation accepts without holding (about one domain second: a slow reply)."""
     while True:
-        t0 = time.monotonic()
+        t0, h0 = time.monotonic(), hold.seconds
         await asyncio.sleep(period_s)
         lag = time.monotonic() - t0 - period_s
-        if lag > slack_s:
-            hold.add(lag)
+        extra = lag - (hold.seconds - h0) - slack_s
+        if extra > 0:
+            hold.add(extra)

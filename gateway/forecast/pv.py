@@ -122,7 +122,9 @@ class PvForecast:
         return self.start + self.step_s * np.arange(self.watts.size, dtype=np.float64)
 
 
-@lru_cache(maxsize=128)
+# One entry per (day, step, array): a gateway's history window and horizon span ~32 days, and
+# a community simulation runs dozens of arrays in one process (128 entries thrashed there).
+@lru_cache(maxsize=4096)
 def _clear_sky_day(day: int, step_s: int, array: PvArray) -> FloatArray:
     """Clear-sky slot means of one UTC day (cached: a re-plan every few minutes would otherwise
     recompute the sun's path over the whole history window each time)."""

@@ -10,8 +10,8 @@ not care; a community simulation planning 50 households on two cores does, and s
 bounds and row bounds, so HiGHS starts from the previous optimal basis (a bid curve's next price
 point is a few pivots away from the last).
 
-The matrix holds the charge/discharge efficiencies (scalars) and the award signs (per step); a
-solve whose matrix differs from the held one rebuilds the model (a new award, another battery).
+The matrix holds the charge/discharge efficiencies (scalars) and the award signs (per step): new
+awards change the award rows' coefficients in place; other efficiencies rebuild the model.
 
 Same contract as :func:`gateway.optimize.problem.solve_plan`: validated inputs in, a
 :class:`~gateway.optimize.plan.Plan` out (not yet checked for invariants), :class:`SolveFailed`
@@ -109,7 +109,15 @@ _HELD: dict[tuple[int, float], _Held] = {}
 
 def _model(n: int, step_s: float, k: LpCoefficients) -> highspy.Highs:
     held = _HELD.get((n, step_s))
-    if held is not None and held.kc == k.kc and held.kd == k.kd and np.array_equal(held.a, k.a):
+    if held is not None and held.kc == k.kc and held.kd == k.kd:
+        changed = np.flatnonzero(held.a != k.a)
+        if changed.size:  # new awards: change the award rows' coefficients in place
+            exp0, imp0, simp0 = (COLS.index(c) * n for c in ("exp", "imp", "s_imp"))
+            for t in changed.tolist():
+                a = float(k.a[t])
+                for col, v in ((exp0 + t, a), (imp0 + t, -a), (simp0 + t, -a)):
+                    held.h.changeCoeff(4 * n + t, col, v)
+            held.a = k.a.copy()
         return held.h
     m = lp_matrix(n, k.kc, k.kd, k.a)
     h = highspy.Highs()

@@ -226,3 +226,25 @@ def test_market_upsert_inserts_then_updates_only_the_given_columns(tmp_path: Pat
         s.market_upsert({"community": "c1", "bid_seq": 3})
     assert len(s.market_rows()) == 2
     s.close()
+
+
+def test_write_groups_rows_by_columns_and_refuses_unknown_ones_atomically(tmp_path: Path) -> None:
+    s = Store.open(tmp_path / "g.db")
+    b = rows(1, 2)
+    b.telemetry[1]["exceed_s"] = 3.5  # another column set in the same batch
+    b.events.append(Event(1.0, "info", "start", "hello", {"a": 1}))
+    b.kv["k"] = "v1"
+    s.write(b)
+    got = list(s.db.query("SELECT seq, site_w, exceed_s FROM telemetry ORDER BY seq"))
+    assert got == [{"seq": 1, "site_w": 1.0, "exceed_s": None},
+                   {"seq": 2, "site_w": 2.0, "exceed_s": 3.5}]
+    assert s.kv_get("k") == "v1"
+    assert s.events()[0]["data"] == '{"a": 1}'
+    bad = rows(3, 1)
+    bad.telemetry[0]["site_w; DROP TABLE telemetry"] = 1.0
+    bad.kv["k"] = "v2"
+    with pytest.raises(StoreError, match="unknown column"):
+        s.write(bad)
+    assert s.kv_get("k") == "v1"  # nothing of the refused batch was written
+    assert s.counts()["outbox"] == 2
+    s.close()

@@ -74,3 +74,16 @@ def test_without_a_hold_the_clock_is_unchanged() -> None:
     time.sleep(0.02)
     assert clock.now() - a == pytest.approx(1.0, abs=0.5)
     assert clock.hold is None
+
+
+async def test_two_governors_behind_at_once_hold_the_timeline_once() -> None:
+    hold = TimeHold()
+    tasks = [asyncio.create_task(govern(hold, period_s=0.005, slack_s=0.002)) for _ in range(2)]
+    await asyncio.sleep(0.03)
+    quiet = hold.seconds
+    time.sleep(0.3)  # noqa: ASYNC251 - both governors' wake-ups are late by the same 0.3 s
+    await asyncio.sleep(0.03)
+    for t in tasks:
+        t.cancel()
+    held = hold.seconds - quiet
+    assert 0.25 <= held <= 0.4  # once (~0.3 s), not twice (~0.6 s)

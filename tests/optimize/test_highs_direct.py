@@ -46,7 +46,8 @@ def test_re_solving_in_place_after_other_inputs_is_still_right(x: PlanInputs, se
                     award_w=award,
                     market_price=None if x.market_price is None else x.market_price[::-1].copy(),
                     battery=replace(x.battery, eta_charge=0.9, eta_discharge=0.85))
-    for y in (x, other, x):
+    awarded = replace(x, award_w=award)  # only the award rows' coefficients change
+    for y in (x, awarded, x, other, awarded, x):
         assert _same_optimum(solve_plan_highs(y).objective, solve_plan(y).objective)
 
 
