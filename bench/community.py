@@ -81,7 +81,8 @@ def main() -> int:
     p.add_argument("--speed", type=float, default=None, help="default: auto_speed")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--start", default="2026-06-21T00:00:00Z")
-    p.add_argument("--devices", choices=("tcp", "inproc"), default="tcp")
+    p.add_argument("--devices", choices=("auto", "tcp", "inproc"), default="auto",
+                   help="auto: Modbus TCP up to 10 homes, in process beyond")
     p.add_argument("--solver", choices=("highs", "cvxpy"), default="highs")
     p.add_argument("--rigid", action="store_true",
                    help="a rigid timeline (no hold while a loop is behind)")

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 COMMUNITY = "demo-community"
 KINDS = ("pv+battery", "pv", "none")
+TCP_HOMES = 10  # devices "auto": Modbus TCP up to this many homes, in process beyond
 Floats = Sequence[float] | npt.NDArray[np.float64]
 
 
@@ -87,9 +88,10 @@ class CommunityOptions:
     envelope_sample_s: float = 5.0  # domain s between physics samples for compliance
     response_s: float = 15.0  # an exceedance shorter than this is a response, not a breach
     # how gateways reach their simulated devices: "tcp" (a pymodbus server per device, real
-    # Modbus TCP) or "inproc" (the same devices and requests without sockets, drivers.inproc:
-    # for communities too large for the wire's CPU cost)
-    devices: str = "tcp"
+    # Modbus TCP), "inproc" (the same devices and requests without sockets, drivers.inproc:
+    # for communities too large for the wire's CPU cost, ~1 ms per request on each side) or
+    # "auto": TCP up to TCP_HOMES homes, in process beyond
+    devices: str = "auto"
     # hold the shared timeline while a process' event loop is behind (drivers.clock.govern):
     # the speed becomes the most the day runs at, and a short CPU slows it instead of leaving
     # sites uncontrolled for the domain time a stall lasts
@@ -111,8 +113,17 @@ class CommunityOptions:
             raise ValueError(f"interval_s must be >= 300 and divide a day, got {self.interval_s}")
         if not 0 <= self.price_floor < self.price_cap:
             raise ValueError("need 0 <= price_floor < price_cap")
-        if self.devices not in ("tcp", "inproc"):
-            raise ValueError(f"devices must be 'tcp' or 'inproc', got {self.devices!r}")
+        if self.devices not in ("auto", "tcp", "inproc"):
+            raise ValueError(f"devices must be 'auto', 'tcp' or 'inproc', got {self.devices!r}")
+        if self.solver not in ("highs", "cvxpy"):
+            raise ValueError(f"solver must be 'highs' or 'cvxpy', got {self.solver!r}")
+
+    @property
+    def transport(self) -> str:
+        """The device transport in use ("tcp" or "inproc"), ``devices`` resolved."""
+        if self.devices != "auto":
+            return self.devices
+        return "tcp" if self.homes <= TCP_HOMES else "inproc"
 
 
 @dataclass(frozen=True)
@@ -157,28 +168,44 @@ def home_mix(n: int) -> list[HomeSpec]:
 
 
 # CPU seconds measured on a 2-core x86 machine (Python 3.11, pymodbus 3.16): one home's fast-loop
-# cycle with its simulated devices answering (~3.3 ms: the Modbus client and server sides about
-# equally), one physics sample of the compliance observer (~0.3 ms), one bid curve (~0.15 s:
-# one LP solve per price point) and one plan (~0.02 s).
-CPU_PER_CYCLE_S = 0.0033
+# cycle with its simulated devices answering (~3.3 ms over Modbus TCP, the client and server
+# sides about equally; ~1 ms in process), one physics sample of the compliance observer
+# (~0.3 ms), one interval's plan and bid curve (~0.17 s through cvxpy, ~0.08 s held in HiGHS).
+CPU_PER_CYCLE_S = {"tcp": 0.0033, "inproc": 0.001}
 CPU_PER_SAMPLE_S = 0.0003
-CPU_PER_INTERVAL_S = 0.17
+CPU_PER_INTERVAL_S = {"cvxpy": 0.17, "highs": 0.08}
+# An elastic timeline holds after a stall; the stall itself still delays cycles by its length
+# times the speed. Stalls of ~30 ms are common with dozens of homes per process (bursts of
+# plans, bids and MQTT traffic at interval boundaries): keep them under a control cycle.
+STALL_S = 0.03
+
+
+def cpu_per_domain_s(opts: CommunityOptions) -> float:
+    """CPU seconds the community costs per simulated second (the model above)."""
+    return opts.homes * (CPU_PER_CYCLE_S[opts.transport] / opts.cycle_s
+                         + CPU_PER_SAMPLE_S / opts.envelope_sample_s
+                         + CPU_PER_INTERVAL_S[opts.solver] / opts.interval_s)
 
 
 def auto_speed(opts: CommunityOptions) -> float:
-    """A speed the machine keeps up with: about 35 % of the cores busy on average, so that
-    cycles start on time (lateness is domain time during which a site is not controlled).
+    """The speed to run at when none is given.
 
-    Why so much headroom: planning and bidding come in bursts at each 15-minute boundary, and
-    a fast loop delayed 0.2 s of wall time is 50 domain seconds at x240. Measured on this
-    2-core machine, 10 homes, 10 s cycles, 10:30-13:30 under a 1.5 kW export limit: at 70 %
-    (x240) 3.4 % of cycles were late and 4-7 homes exceeded the limit for 15-28 s; at 35 %
-    (x120) 0.07 % were late and none exceeded it for more than 5.5 s."""
+    Rigid timeline: about 35 % of the cores busy on average, so that cycles start on time
+    (lateness is domain time during which a site is not controlled). Why so much headroom:
+    planning and bidding come in bursts at each 15-minute boundary, and a fast loop delayed
+    0.2 s of wall time is 50 domain seconds at x240. Measured on this 2-core machine, 10 homes,
+    10 s cycles, 10:30-13:30 under a 1.5 kW export limit: at 70 % (x240) 3.4 % of cycles were
+    late and 4-7 homes exceeded the limit for 15-28 s; at 35 % (x120) 0.07 % were late and none
+    exceeded it for more than 5.5 s.
+
+    Elastic timeline (the default): the speed is a ceiling; bursts hold the timeline instead of
+    making cycles late, so it may ask for 90 % of the cores, but no more than keeps a
+    ``STALL_S`` stall under one control cycle of domain time."""
     cores = max(1, os.cpu_count() or 1)
-    cpu_per_domain_s = opts.homes * (CPU_PER_CYCLE_S / opts.cycle_s
-                                     + CPU_PER_SAMPLE_S / opts.envelope_sample_s
-                                     + CPU_PER_INTERVAL_S / opts.interval_s)
-    speed = 0.35 * cores / cpu_per_domain_s
+    share = 0.9 if opts.elastic else 0.35
+    speed = share * cores / cpu_per_domain_s(opts)
+    if opts.elastic:
+        speed = min(speed, opts.cycle_s / STALL_S)
     return float(min(1440.0, max(20.0, round(speed, -1))))
 
 
@@ -342,9 +369,11 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
 
 
 def _slack_s(speed: float) -> float:
-    """The lag (real s) an elastic timeline accepts without holding: one domain second (a slow
-    device reply; a cycle is 10 s and the envelope's tolerance 15 s), at least 2 ms."""
-    return max(0.002, 1.0 / speed)
+    """The lag (real s) an elastic timeline accepts without holding: half a domain second (a
+    slow device reply; a cycle is 10 s and the envelope's tolerance 15 s), at least 2 ms.
+    Measured, 50 homes, x300 ceiling: one domain second held 150 s of 447 s and let 10
+    excursions run beyond tolerance; 2 ms summed over processes held 418 s of 717 s, 1."""
+    return max(0.002, 0.5 / speed)
 
 
 async def _until_domain(clock: Any, end: float, tasks: list[asyncio.Task[Any]]) -> None:
@@ -462,7 +491,7 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
                       "bid_spread_s": min(120.0, opts.interval_s / 4)},
         tariff_table={"import_per_kwh": opts.price_cap, "feed_in_per_kwh": opts.price_floor},
         envelope_sample_s=opts.envelope_sample_s,
-        tolerance_w=100.0, day_start=day_start, devices=opts.devices, hold=hold,
+        tolerance_w=100.0, day_start=day_start, devices=opts.transport, hold=hold,
         stuck_after_s=opts.sim_hours * 3600.0 / speed * 6.0 + 120.0,
     )
     nworkers = opts.workers or max(1, os.cpu_count() or 1)
@@ -775,7 +804,7 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
             "interval_s": opts.interval_s, "workers": min(opts.workers or os.cpu_count() or 1,
                                                           opts.homes),
             "broker": broker_kind,
-            "devices": opts.devices,
+            "devices": opts.transport,
             # elastic timeline: the real seconds it was held and the speed it really ran at
             "held_s": {"community": round(comm.held_s, 1),
                        "no_p2p": round(base.held_s, 1) if base else None},
@@ -885,5 +914,15 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CommunityOptions", "HomeSpec", "auto_speed", "bill", "fit_only_net_export_kwh",
-           "format_report", "home_mix", "interval_net_export_kwh", "run_community"]
+__all__ = [
+    "CommunityOptions",
+    "HomeSpec",
+    "auto_speed",
+    "bill",
+    "cpu_per_domain_s",
+    "fit_only_net_export_kwh",
+    "format_report",
+    "home_mix",
+    "interval_net_export_kwh",
+    "run_community",
+]

@@ -110,7 +110,8 @@ def _cmd_community(args: argparse.Namespace) -> int:
             homes=args.homes, sim_hours=args.hours, speed=args.speed, cycle_s=args.cycle or 10.0,
             start=args.start, out_dir=args.out, broker=args.broker, workers=args.workers,
             interval_s=args.interval, baseline=not args.no_baseline,
-            picture=not args.no_picture)
+            picture=not args.no_picture, devices=args.devices, solver=args.solver,
+            elastic=not args.rigid)
         report = asyncio.run(run_community(opts))
     except (ValueError, RuntimeError) as e:
         print(f"hems demo: {e}", file=sys.stderr)
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-baseline", action="store_true",
                    help="community: skip the day without the market (no costs.no_p2p)")
     s.add_argument("--no-picture", action="store_true", help="community: no PNG")
+    s.add_argument("--devices", choices=("auto", "tcp", "inproc"), default="auto",
+                   help="community: simulated devices over Modbus TCP or in process (default "
+                        "auto: TCP up to 10 homes, in process beyond)")
+    s.add_argument("--solver", choices=("highs", "cvxpy"), default="highs",
+                   help="community: the planners' LP solve (the same LP either way)")
+    s.add_argument("--rigid", action="store_true",
+                   help="community: a rigid timeline (default: held while a loop is behind)")
     s.add_argument("--start", default="2026-06-21T00:00:00Z", help="simulated start (UTC)")
     s.add_argument("--out", default=None, help="directory for the database and report files")
     s.add_argument("--broker", default="auto",

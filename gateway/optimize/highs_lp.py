@@ -160,7 +160,10 @@ def solve_plan_highs(inputs: PlanInputs, *, time_limit_s: float | None = None) -
     h.changeColsBounds(cols.size, cols, np.zeros(cols.size), upper)
     # present at run time, missing from highspy 1.16's type stub
     h.changeRowsBounds(rows.size, rows, row_lo, row_up)  # type: ignore[attr-defined]
-    h.setOptionValue("time_limit", float(time_limit_s) if time_limit_s is not None else _INF)
+    # HiGHS's run clock accumulates over every run() of a Highs object, and its time limit is
+    # checked against that total: a held model would "reach its limit" after enough re-solves.
+    h.setOptionValue("time_limit", h.getRunTime() + float(time_limit_s)
+                     if time_limit_s is not None else _INF)
     h.run()
     status = h.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:

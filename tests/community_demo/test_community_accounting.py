@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from community.community_demo import (
+    STALL_S,
     CommunityOptions,
     _edges,
     auto_speed,
@@ -52,6 +53,24 @@ def test_auto_speed_slows_down_for_more_homes_and_faster_cycles() -> None:
     s10_slow = auto_speed(CommunityOptions(homes=10, cycle_s=30.0))
     assert s50 < s10 < s10_slow
     assert s50 >= 20.0 and s10_slow <= 1440.0
+
+
+def test_auto_speed_follows_the_cost_model_and_caps_elastic_stalls() -> None:
+    rigid = {d: auto_speed(CommunityOptions(homes=40, devices=d, elastic=False))
+             for d in ("tcp", "inproc")}
+    assert rigid["inproc"] > rigid["tcp"]  # the wire costs CPU
+    cvx = auto_speed(CommunityOptions(homes=40, devices="inproc", elastic=False, solver="cvxpy"))
+    assert cvx < rigid["inproc"]
+    for homes in (2, 10, 50):
+        o = CommunityOptions(homes=homes)
+        assert auto_speed(o) <= o.cycle_s / STALL_S  # a stall stays under one cycle
+    assert CommunityOptions(homes=10).transport == "tcp"
+    assert CommunityOptions(homes=11).transport == "inproc"
+    assert CommunityOptions(homes=50, devices="tcp").transport == "tcp"
+    with pytest.raises(ValueError, match="devices"):
+        CommunityOptions(devices="serial")
+    with pytest.raises(ValueError, match="solver"):
+        CommunityOptions(solver="gurobi")
 
 
 def test_interval_net_export_interpolates_cumulative_counters() -> None:
