@@ -2,19 +2,24 @@
 
 Runs :func:`community.community_demo.run_community` for each community size (default 10 and
 50 homes) with the market on, the no-market baseline and the picture off: N real gateways in
-worker processes (one per core), each with its own simulated devices over Modbus TCP, the market
-operator, the DSO and a local broker, for one simulated day.
+worker processes (one per core), the market operator, the DSO and a local broker, for one
+simulated day. Devices: ``--devices auto`` (the default) serves them over Modbus TCP up to 10
+homes and in process beyond (``drivers.inproc``: the same SunSpec requests and answers without
+sockets; the wire alone would be ~1 ms of CPU per request on each side); the planners solve the
+LP held in HiGHS (``--solver highs``, the same LP as the cvxpy model).
 
-The simulation speed is not a free knob: a speed the CPU cannot sustain makes cycles start late
-(domain time during which the sites are not controlled) and the bench would time a community that
-was not really run. Unless ``--speed`` is given, the speed comes from
-:func:`community.community_demo.auto_speed` (about half the cores busy), and the figures printed
-next to the wall time say whether the run was healthy: late cycles (%), plans, bids sent before
-the gate, CPU seconds of all processes.
+The timeline is elastic unless ``--rigid``: ``--speed`` (default
+:func:`community.community_demo.auto_speed`) is a ceiling, and a process whose event loop falls
+behind holds simulated time for every process (``drivers.clock.govern``), so a short CPU makes
+the day slower rather than leaving sites uncontrolled. The figures printed next to the wall
+time say whether the run was healthy: the speed in effect and the seconds held, late cycles
+(%), plans and fallbacks, bids, envelope episodes beyond tolerance, CPU seconds of all
+processes.
 
 Usage: ``python bench/community.py [--homes 10,50] [--hours 24] [--cycle 10] [--interval 900]
-[--speed S] [--workers W]``. The last stdout line is one JSON object:
-``{"runs": [{"homes", "wall_s", "speed", "cycle_s", "interval_s", "cpu_s", "late_cycle_pct",
+[--speed S] [--workers W] [--devices auto|tcp|inproc] [--solver highs|cvxpy] [--rigid]``.
+The last stdout line is one JSON object: ``{"runs": [{"homes", "wall_s", "speed",
+"effective_speed", "held_s", "devices", "cycle_s", "interval_s", "cpu_s", "late_cycle_pct",
 "plans", "bids_sent", "traded_kwh", "episodes_beyond_tolerance"}, ...], "wall_s_<N>": ...}``.
 """
 

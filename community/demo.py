@@ -273,12 +273,12 @@ class EnvelopeObserver:
         t = self.clock.now()
         while t < until:
             await self.clock.sleep_until(t)
-            s = self.physics.state()
-            lim = self.limits_at(s.t)
-            exp = max(0.0, -s.site_w - lim.export_w) if lim.export_w is not None else 0.0
-            imp = max(0.0, s.site_w - lim.import_w) if lim.import_w is not None else 0.0
-            self.samples.append((s.t, s.site_w, exp if exp >= imp else -imp))
-            self._loads.append(s.load_w)
+            ts, site_w, load_w = self.physics.site_now()
+            lim = self.limits_at(ts)
+            exp = max(0.0, -site_w - lim.export_w) if lim.export_w is not None else 0.0
+            imp = max(0.0, site_w - lim.import_w) if lim.import_w is not None else 0.0
+            self.samples.append((ts, site_w, exp if exp >= imp else -imp))
+            self._loads.append(load_w)
             t = max(t + self.step_s, self.clock.now())
 
     def __post_init__(self) -> None:

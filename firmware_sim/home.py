@@ -584,6 +584,13 @@ class HomePhysics:
             "battery_discharge": t.discharge_wh / 1000.0,
         }
 
+    def site_now(self) -> tuple[float, float, float]:
+        """Advance to now and return (t, site W, load W): what a compliance observer samples,
+        without the full :class:`HomeState` (phases, counters) a device refresh needs."""
+        self.advance()
+        load, _avail, pv, bat, _lim = self._flows(self.t)
+        return self.t, load - pv + bat, load
+
     def state(self) -> HomeState:
         """Advance to now and return a snapshot."""
         self.advance()

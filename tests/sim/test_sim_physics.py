@@ -95,6 +95,7 @@ def test_site_is_load_minus_pv_plus_battery_at_all_times() -> None:
         clock.t += rng.uniform(1, 900)
         s = ph.state()
         assert s.site_w == pytest.approx(s.load_w - s.pv_w + s.battery_w, abs=1e-9)
+        assert ph.site_now() == (s.t, pytest.approx(s.site_w), s.load_w)  # the observer's view
         assert sum(s.phases_w) == pytest.approx(s.site_w, abs=1e-6)
         assert 0 <= s.soc_pct <= 100
         assert s.pv_w <= s.pv_avail_w + 1e-9
