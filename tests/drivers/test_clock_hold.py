@@ -87,3 +87,25 @@ async def test_two_governors_behind_at_once_hold_the_timeline_once() -> None:
         t.cancel()
     held = hold.seconds - quiet
     assert 0.25 <= held <= 0.4  # once (~0.3 s), not twice (~0.6 s)
+
+
+def test_domain_time_moves_as_the_clocks_own_real_time_even_across_holds() -> None:
+    """What the daemon's clock-step detection relies on (domain advance = speed x the clock's
+    ``monotonic()`` advance): a held timeline is no clock step (3407 false 'clock jumped'
+    warnings in a 10-home day before the daemon used it)."""
+    hold = TimeHold()
+    clock = SimClock(start=0.0, speed=300.0, hold=hold)
+    m0, d0 = clock.monotonic(), clock.now()
+    for i in range(5):
+        time.sleep(0.01)
+        hold.add(0.004 * i)
+        m1, d1 = clock.monotonic(), clock.now()
+        assert (d1 - d0) - (m1 - m0) * clock.speed == pytest.approx(0.0, abs=300 * 0.002)
+        assert d1 >= d0
+        m0, d0 = m1, d1
+    d0, m0, r0 = clock.now(), clock.monotonic(), time.monotonic()
+    hold.add(0.05)
+    time.sleep(0.03)  # the timeline stands still (held), real time does not
+    d1, m1, r1 = clock.now(), clock.monotonic(), time.monotonic()
+    assert (d1 - d0) - (m1 - m0) * clock.speed == pytest.approx(0.0, abs=1.0)
+    assert (d1 - d0) - (r1 - r0) * clock.speed < -5.0  # time.monotonic() would see a step back
