@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.optimize.coefficients import LpCoefficients, lp_coefficients
-from gateway.optimize.highs_lp import lp_matrix, lp_vectors, solve_plan_highs
+from gateway.optimize.highs_lp import highs_model, lp_matrix, lp_vectors, solve_plan_highs
 from gateway.optimize.inputs import Battery, PlanInputs, validate
 from gateway.optimize.problem import compiled, solve_plan
 from gateway.tariff import DEFAULT_TOU
@@ -67,20 +67,8 @@ class HighsFloor:
     assembly (the floor)."""
 
     def __init__(self, k: LpCoefficients) -> None:
-        n = self.n = k.load.shape[0]
-        a = lp_matrix(n, k.kc, k.kd, k.a)
-        self.h = highspy.Highs()
-        self.h.setOptionValue("output_flag", False)
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
-        lp.col_cost_ = np.zeros(a.shape[1])
-        lp.col_lower_ = np.zeros(a.shape[1])
-        lp.col_upper_ = np.full(a.shape[1], highspy.kHighsInf)
-        lp.row_lower_ = np.zeros(a.shape[0])
-        lp.row_upper_ = np.zeros(a.shape[0])
-        self.h.passModel(lp)
+        self.n = k.load.shape[0]
+        self.h = highs_model(lp_matrix(self.n, k.kc, k.kd, k.a))
 
     def solve(self, k: LpCoefficients) -> float:
         cost, upper, lower, row_up = lp_vectors(k)

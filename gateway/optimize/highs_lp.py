@@ -107,19 +107,8 @@ class _Held:
 _HELD: dict[tuple[int, float], _Held] = {}
 
 
-def _model(n: int, step_s: float, k: LpCoefficients) -> highspy.Highs:
-    held = _HELD.get((n, step_s))
-    if held is not None and held.kc == k.kc and held.kd == k.kd:
-        changed = np.flatnonzero(held.a != k.a)
-        if changed.size:  # new awards: change the award rows' coefficients in place
-            exp0, imp0, simp0 = (COLS.index(c) * n for c in ("exp", "imp", "s_imp"))
-            for t in changed.tolist():
-                a = float(k.a[t])
-                for col, v in ((exp0 + t, a), (imp0 + t, -a), (simp0 + t, -a)):
-                    held.h.changeCoeff(4 * n + t, col, v)
-            held.a = k.a.copy()
-        return held.h
-    m = lp_matrix(n, k.kc, k.kd, k.a)
+def highs_model(m: sp.csc_matrix) -> highspy.Highs:
+    """A silent ``Highs`` holding constraint matrix ``m``; costs and bounds are set per solve."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     # every limit is a column bound and coefficients are O(1): presolve and scaling find nothing
@@ -136,6 +125,22 @@ def _model(n: int, step_s: float, k: LpCoefficients) -> highspy.Highs:
     lp.row_lower_ = np.zeros(m.shape[0])
     lp.row_upper_ = np.zeros(m.shape[0])
     h.passModel(lp)
+    return h
+
+
+def _model(n: int, step_s: float, k: LpCoefficients) -> highspy.Highs:
+    held = _HELD.get((n, step_s))
+    if held is not None and held.kc == k.kc and held.kd == k.kd:
+        changed = np.flatnonzero(held.a != k.a)
+        if changed.size:  # new awards: change the award rows' coefficients in place
+            exp0, imp0, simp0 = (COLS.index(c) * n for c in ("exp", "imp", "s_imp"))
+            for t in changed.tolist():
+                a = float(k.a[t])
+                for col, v in ((exp0 + t, a), (imp0 + t, -a), (simp0 + t, -a)):
+                    held.h.changeCoeff(4 * n + t, col, v)
+            held.a = k.a.copy()
+        return held.h
+    h = highs_model(lp_matrix(n, k.kc, k.kd, k.a))
     if len(_HELD) >= 16:  # a few shapes per process; never grow without bound
         _HELD.clear()
     _HELD[(n, step_s)] = _Held(h, k.kc, k.kd, k.a.copy())
