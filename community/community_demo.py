@@ -544,10 +544,11 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         for _p, conn in procs:
             conn.send(("go", epoch))
         homes: list[dict[str, Any]] = []
-        for _p, conn in procs:
+        for p, conn in procs:
             # the day's end in domain time (an elastic timeline can run slower than ``speed``),
-            # then the worker's own 60 s to stop its gateways, and a margin
-            while clock.now() < end and not conn.poll():
+            # then the worker's own 60 s to stop its gateways, and a margin; a worker that died
+            # is reported at once
+            while clock.now() < end and p.is_alive() and not conn.poll():
                 await asyncio.to_thread(conn.poll, 0.5)
             msg = await asyncio.to_thread(_recv, conn, 180.0)
             if msg[0] != "done":
@@ -588,7 +589,10 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
 def _recv(conn: Connection, timeout_s: float) -> Any:
     if not conn.poll(timeout_s):
         raise RuntimeError(f"community worker silent for {timeout_s:.0f} s")
-    return conn.recv()
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError("community worker exited without a result (see its stderr)") from None
 
 
 def _ledger_summary(lg: Any, start: float, end: float) -> tuple[

@@ -297,6 +297,7 @@ def interval_curve(inputs: PlanInputs, plan_start: float, t0: float, t1: float,
     import numpy as np
 
     from gateway.optimize.bidcurve import bid_curve
+    from gateway.optimize.problem import solve_plan
 
     parts = overlaps(plan_start, inputs.steps, inputs.step_s, t0, t1)
     covered = sum(ov for _, ov in parts)
@@ -306,8 +307,7 @@ def interval_curve(inputs: PlanInputs, plan_start: float, t0: float, t1: float,
     p = np.asarray(sorted(prices), dtype=np.float64)
     total = np.zeros(p.size)
     for k, ov in parts:
-        c = bid_curve(inputs, k, p, time_limit_s) if solver is None else \
-            bid_curve(inputs, k, p, time_limit_s, solver=solver)
+        c = bid_curve(inputs, k, p, time_limit_s, solver=solver or solve_plan)
         total += c.net_export_wh * (ov / inputs.step_s)
     return Curve(tuple(float(x) for x in p), tuple(float(x) for x in total))
 

@@ -74,9 +74,6 @@ TELEMETRY_COLUMNS: dict[str, type] = {
 }
 
 
-_TELEMETRY_NAMES: frozenset[str] = frozenset()  # filled below, once ENVELOPE_COLUMNS exists
-
-
 class StoreError(Exception):
     """The database cannot be used. The message names the file and the problem."""
 
@@ -423,8 +420,7 @@ class Store:
                     "SELECT 1 FROM market WHERE community = ? AND interval_id = ?", key
                 ).fetchone()
                 if found is None:
-                    self.db.execute(f"INSERT INTO market ({', '.join(cols)}) VALUES "
-                                    f"({', '.join('?' * len(cols))})", [row[c] for c in cols])
+                    self._insert("market", [row], frozenset(MARKET_COLUMNS))
                 elif update:
                     self.db.execute(f"UPDATE market SET {', '.join(f'{c} = ?' for c in update)} "
                                     "WHERE community = ? AND interval_id = ?",

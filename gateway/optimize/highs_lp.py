@@ -154,9 +154,9 @@ def solve_plan_highs(inputs: PlanInputs, *, time_limit_s: float | None = None) -
     x = validate(inputs)
     k = lp_coefficients(x)
     cost, upper, row_lo, row_up = lp_vectors(k)
-    for name, arr in (("cost", cost), ("row bounds", row_lo[np.isfinite(row_lo)])):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"LP {name}: non-finite value")
+    # costs are finite; bounds may be infinite (open limits) but never NaN
+    if not np.all(np.isfinite(cost)) or any(np.isnan(v).any() for v in (upper, row_lo, row_up)):
+        raise ValueError("LP coefficients: a NaN or an infinite cost")
     n = x.steps
     h = _model(n, float(x.step_s), k)
     cols = np.arange(cost.size, dtype=np.int32)
