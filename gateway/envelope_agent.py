@@ -278,6 +278,7 @@ class EnvelopeAgent:
         self._meter_key: tuple[Any, ...] | None = None
         self.target: ActiveLimits | None = None  # what the DSO asks now (before the ramp)
         self.active: ActiveLimits | None = None  # effective (ramped) limits of the last cycle
+        self.active_at: float | None = None  # domain time at which `active` was resolved
         self.last: Setpoints | None = None
         self.last_site_w: float | None = None
         self.last_exceedance_w: float = 0.0
@@ -666,6 +667,7 @@ class EnvelopeAgent:
         self.target = target
         eff = target if self._ramp is None else self._ramp.apply(target, now)
         self.active = eff
+        self.active_at = now
         summary = (target.source, target.control_ids, target.limits, target.contact_lost)
         if summary != self._summary:
             if self._summary is not None:

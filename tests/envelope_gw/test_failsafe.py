@@ -160,10 +160,11 @@ async def test_contact_loss_control_then_default_then_fallback_then_ramp(
         effs: list[tuple[float, float]] = []
 
         def sample() -> bool:
-            a = agent.active
-            assert a is not None and a.limits.export_w is not None
-            if not effs or effs[-1][0] != clock.now():
-                effs.append((clock.now(), a.limits.export_w))
+            # the agent's own resolution time, not the test's: the poll may see a value late
+            a, at = agent.active, agent.active_at
+            assert a is not None and a.limits.export_w is not None and at is not None
+            if not effs or effs[-1][0] != at:
+                effs.append((at, a.limits.export_w))
             return a.limits.export_w >= 3000.0
 
         await wait_until(sample, 30, "the ramp to the default")
