@@ -18,6 +18,7 @@ compliance figures: measured site power against the limit it should have respect
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -84,9 +85,23 @@ class StressDay:
         """For :class:`community.dso.DsoPublisher`."""
         return SiteSchedule(self.site, self.default, self.controls)
 
+    @functools.cached_property
+    def _edges(self) -> tuple[float, ...]:
+        return tuple(sorted({t for c in self.controls for t in (c.start, c.start + c.duration_s)}))
+
+    @functools.cached_property
+    def _by_segment(self) -> dict[int, Limits]:
+        return {}
+
     def limits_at(self, t: float) -> Limits:
         """The limits the DSO asked for at ``t`` (``None`` = not limited)."""
-        return self._resolver.active(t).limits
+        # Constant between the controls' edges (the resolver has no contact timeout): resolved
+        # once per segment; the observers ask every few domain seconds for every home.
+        i = bisect.bisect_right(self._edges, t)
+        lim = self._by_segment.get(i)
+        if lim is None:
+            lim = self._by_segment[i] = self._resolver.active(t).limits
+        return lim
 
     def expected_limit(self, t: float, name: LimitName = "export_w") -> float | None:
         """One limit at ``t``: e.g. ``expected_limit(t, "export_w")`` in W, ``None`` = none."""

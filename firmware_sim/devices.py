@@ -45,7 +45,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers import inproc
 from drivers.clock import Clock
-from drivers.inproc import DropConnection
+from drivers.inproc import DropConnection, NoReply
 from drivers.sunspec.models import PointDef, decode_raw, encode_raw, int_to_regs, scale
 from firmware_sim.faults import DeviceFaults, FaultKind
 from firmware_sim.home import HomePhysics, HomeState
@@ -195,7 +195,7 @@ class SimulatedDevice:
     ) -> list[int] | int:
         """The same request, answered in process (:mod:`drivers.inproc`): what the pymodbus
         server would answer, through the same :meth:`action` hook and the same faults (no reply
-        = never return, drop = :class:`~drivers.inproc.DropConnection`)."""
+        = :class:`~drivers.inproc.NoReply`, drop = :class:`~drivers.inproc.DropConnection`)."""
         if unit != self.unit:
             return int(ExcCodes.GATEWAY_NO_RESPONSE)
         if function_code not in (3, 4, 16):
@@ -210,7 +210,7 @@ class SimulatedDevice:
             if FaultKind.DROP in active:
                 raise DropConnection(f"{self.kind}: drop fault")
             if FaultKind.TIMEOUT in active:
-                await asyncio.Event().wait()  # the reply never comes; the client times out
+                raise NoReply(f"{self.kind}: timeout fault")  # the client times out
         buf = [0] * count
         code = await self.action(function_code, address, address, count, buf, values)
         if code is not None:

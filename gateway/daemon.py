@@ -188,6 +188,9 @@ class Gateway:
         self.new_rows = asyncio.Event()
         self.commit_now = asyncio.Event()
         self.stop = asyncio.Event()
+        self._sleeping: set[asyncio.Task[Any]] = set()  # in _sleep_or_stop
+        self._woken: set[asyncio.Task[Any]] = set()  # cancelled there by the stop watcher
+        self._stop_watch: asyncio.Task[None] | None = None
         self.loop_done = asyncio.Event()
         self.store_done = asyncio.Event()
         self.heartbeat = time.monotonic()
@@ -351,6 +354,10 @@ class Gateway:
         await self.wind_down()
 
     async def _sleep_until(self, t: float, wake: asyncio.Event | None = None) -> None:
+        """Until domain time ``t``, or sooner when ``stop`` (or ``wake``) is set."""
+        if wake is None:
+            await self._sleep_or_stop(t)
+            return
         sleeper = asyncio.ensure_future(self.clock.sleep_until(t))
         stopper = asyncio.ensure_future(self.stop.wait())
         waits = {sleeper, stopper}
@@ -361,6 +368,37 @@ class Gateway:
         finally:
             for w in waits:
                 w.cancel()
+
+    async def _sleep_or_stop(self, t: float) -> None:
+        # Every control cycle of every home sleeps here (a fleet simulation: thousands of times
+        # a second), so no task per wait: the clock's own sleep runs in this task, and one
+        # watcher of ``stop`` cancels the sleeping tasks it finds (a cancellation this method
+        # takes back, so it stays invisible to the caller). Two tasks and an asyncio.wait per
+        # cycle cost more than the cycle's decisions.
+        if self.stop.is_set():
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stop_watch is None:
+            self._stop_watch = asyncio.get_running_loop().create_task(
+                self._wake_sleepers(), name="stop-watch")
+        self._sleeping.add(task)
+        try:
+            await self.clock.sleep_until(t)
+        except asyncio.CancelledError:
+            # ours (stop) and nobody else's: swallow; anyone else's cancellation goes on
+            if task in self._woken and task.uncancel() == 0:
+                return
+            raise
+        finally:
+            self._sleeping.discard(task)
+            self._woken.discard(task)
+
+    async def _wake_sleepers(self) -> None:
+        await self.stop.wait()
+        for task in list(self._sleeping):
+            self._woken.add(task)
+            task.cancel()
 
     async def _read(self, kind: str) -> Any:
         slot = self.slots.get(kind)
@@ -374,7 +412,9 @@ class Gateway:
                 self.stats.poll_errors += 1
                 return None
         try:
-            reading = await asyncio.wait_for(slot.dev.read(), self.cfg.control.read_timeout_s)
+            # asyncio.timeout, not wait_for: no task per read (three reads a cycle)
+            async with asyncio.timeout(self.cfg.control.read_timeout_s):
+                reading = await slot.dev.read()
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.poll_errors += 1
             self._device_failed(slot, e)
@@ -593,7 +633,8 @@ class Gateway:
 
     async def _write(self, aw: Awaitable[None], what: str) -> bool:
         try:
-            await asyncio.wait_for(aw, self.cfg.control.read_timeout_s * 2)
+            async with asyncio.timeout(self.cfg.control.read_timeout_s * 2):
+                await aw
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.write_errors += 1
             log.warning("write %s failed: %s", what, e or "timeout")
@@ -819,6 +860,8 @@ class Gateway:
             await asyncio.sleep(tick)
 
     def close(self) -> None:
+        if self._stop_watch is not None:
+            self._stop_watch.cancel()  # a failed run may end without ``stop`` set
         if self.store is not None:
             self.store.close()  # single thread: executor is idle by now
             self.store = None

@@ -260,7 +260,7 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     """
     t0 = time.perf_counter()
     lf = forecast_load(job.hist_t, job.hist_load, job.now, step_s=job.step_s,
-                       horizon_s=job.horizon_s, tz=job.tz)
+                       horizon_s=job.horizon_s, tz=job.tz, quantiles=False)  # plans on the point
     if lf.start != job.start:
         raise ValueError(f"the time zone's UTC offset at {job.start:.0f} is not a multiple of "
                          f"planner.step_s ({job.step_s} s): local and UTC steps do not align")

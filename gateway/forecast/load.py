@@ -15,8 +15,10 @@ Method (``forecast_load``), for each local day the horizon touches:
    power, with ``prior_days`` pseudo-days. With no usable history at all the forecast is that
    prior at ``prior_annual_kwh``: this is the cold start of a new install.
 
-Quantiles p10/p50/p90 are the weighted empirical quantiles of the same days, smoothed likewise.
-All outputs are >= 0. Every dropped or clipped sample is counted in ``LoadForecast.dropped``.
+Quantiles p10/p50/p90 are the weighted empirical quantiles of the same days, smoothed likewise
+(``quantiles=False`` skips them: they cost about half the forecast, and the planner plans on the
+point forecast only). All outputs are >= 0. Every dropped or clipped sample is counted in
+``LoadForecast.dropped``.
 """
 
 from __future__ import annotations
@@ -65,16 +67,17 @@ class LoadForecast:
     """A load forecast on a regular grid: slot ``i`` covers ``[start + i*step_s, +step_s)``.
 
     ``watts`` is the point forecast (mean W per slot) for the optimizer; ``p10/p50/p90`` are
-    quantiles. ``source`` is "history", "prior" (no usable history) or "history+prior" (some
-    slots had no history of their own). ``dropped`` counts rejected samples by reason.
+    quantiles (``None`` when the forecast was made without them). ``source`` is "history",
+    "prior" (no usable history) or "history+prior" (some slots had no history of their own).
+    ``dropped`` counts rejected samples by reason.
     """
 
     start: float
     step_s: int
     watts: FloatArray
-    p10: FloatArray
-    p50: FloatArray
-    p90: FloatArray
+    p10: FloatArray | None
+    p50: FloatArray | None
+    p90: FloatArray | None
     history_days: int
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
@@ -240,21 +243,25 @@ def smooth_slots(p: FloatArray, sigma_slots: float) -> FloatArray:
         return np.where(den > 1e-9, num / den, np.nan)
 
 
-def _location(x: FloatArray, w: FloatArray, cfg: LoadConfig) -> tuple[FloatArray, FloatArray]:
-    """(point estimate, quantiles (3, S)) per slot of the rows ``x`` weighted ``w``."""
+def _location(x: FloatArray, w: FloatArray, cfg: LoadConfig,
+              quantiles: bool = True) -> tuple[FloatArray, FloatArray | None]:
+    """(point estimate, quantiles (3, S) or None) per slot of the rows ``x`` weighted ``w``."""
     wt = np.where(np.isfinite(x), w[:, None], 0.0)
     tot = wt.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(tot > 0, (wt * np.nan_to_num(x)).sum(axis=0) / tot, np.nan)
-    qs = weighted_quantiles(x, w, (0.5, *cfg.quantiles))
+    if cfg.mean_weight == 1.0 and not quantiles:
+        return mean, None  # the median is weighted 0: not computed
+    qs = weighted_quantiles(x, w, (0.5, *cfg.quantiles) if quantiles else (0.5,))
     point = cfg.mean_weight * mean + (1.0 - cfg.mean_weight) * qs[0]
-    return point, qs[1:]
+    return point, (qs[1:] if quantiles else None)
 
 
 def profile_for_day(
-    hist: _History, target_day: int, step_s: int, cfg: LoadConfig
-) -> tuple[FloatArray, FloatArray, FloatArray, str]:
-    """(point, quantiles (3, S), prior scaled to the history, source) for one local day."""
+    hist: _History, target_day: int, step_s: int, cfg: LoadConfig, quantiles: bool = True
+) -> tuple[FloatArray, FloatArray | None, FloatArray, str]:
+    """(point, quantiles (3, S) or None if not ``quantiles``, prior scaled to the history,
+    source) for one local day."""
     n_slots = 86400 // step_s
     age = (target_day - hist.days).astype(np.float64)
     use = (age >= 1) & (age <= cfg.window_days)
@@ -275,33 +282,35 @@ def profile_for_day(
     prior = shape * level
     if not obs.any():
         q = np.vstack([prior * f for f in (0.35, 0.85, 2.2)])  # wide, right-skewed like loads
-        return prior, q, prior, "prior"
+        return prior, (q if quantiles else None), prior, "prior"
 
     w = 0.5 ** ((age - 1.0) / cfg.half_life_days)
     same = is_weekend(days) == weekend
     sigma = cfg.smooth_min * 60.0 / step_s
-    p_all, q_all = _location(grid, w, cfg)
+    p_all, q_all = _location(grid, w, cfg, quantiles)
     if same.any():
-        p_same, q_same = _location(grid[same], w[same], cfg)
+        p_same, q_same = _location(grid[same], w[same], cfg, quantiles)
         n_same = (np.where(obs[same], w[same, None], 0.0)).sum(axis=0)
     else:
         p_same, q_same = p_all, q_all
         n_same = np.zeros(n_slots)
     # shrink the day-type profile towards the all-days one where the day type has few days
     k = cfg.pool_days
-    point = _shrink(p_same, n_same, p_all, k)
-    quant = np.vstack([_shrink(q_same[i], n_same, q_all[i], k) for i in range(3)])
-    point, quant = smooth_slots(point, sigma), smooth_slots(quant, sigma)
+    point = smooth_slots(_shrink(p_same, n_same, p_all, k), sigma)
     # shrink towards the scaled prior; slots with no history at all take the prior
     n_all = (np.where(obs, w[:, None], 0.0)).sum(axis=0)
     point = _shrink(point, n_all, prior, cfg.prior_days)
+    source = "history" if np.all(n_all > 0) else "history+prior"
+    if q_same is None or q_all is None:
+        return point, None, prior, source
+    quant = smooth_slots(np.vstack([_shrink(q_same[i], n_same, q_all[i], k) for i in range(3)]),
+                         sigma)
     quant = np.vstack(
         [
             _shrink(quant[i], n_all, prior * f, cfg.prior_days)
             for i, f in enumerate((0.35, 0.85, 2.2))
         ]
     )
-    source = "history" if np.all(n_all > 0) else "history+prior"
     return point, quant, prior, source
 
 
@@ -323,6 +332,7 @@ def forecast_load(
     horizon_s: int = 86400,
     tz: tzinfo | None = None,
     config: LoadConfig | None = None,
+    quantiles: bool = True,
 ) -> LoadForecast:
     """Forecast the household load for ``horizon_s`` from the slot containing ``issue_time``.
 
@@ -332,7 +342,9 @@ def forecast_load(
     to local ``step_s`` boundaries. Raises ValueError only for an invalid grid or config, never
     for bad history (that is dropped, counted and, if nothing is left, replaced by the prior).
     Only the last ``config.window_days + 2`` days are read: pass no more than that (at 1-min
-    resolution, 58 days are ~84k samples, ~5 ms on a desktop core).
+    resolution, 58 days are ~84k samples, ~5 ms on a desktop core). ``quantiles=False`` leaves
+    ``p10/p50/p90`` as ``None`` (the point forecast is the same either way, at about half the
+    cost).
     """
     cfg = config or LoadConfig()
     check_grid(step_s, horizon_s)
@@ -361,21 +373,25 @@ def forecast_load(
     quant = np.empty((3, n))
     sources = set()
     for d in np.unique(t_day):
-        p, q, _prior, src = profile_for_day(hist, int(d), step_s, cfg)
+        p, q, _prior, src = profile_for_day(hist, int(d), step_s, cfg, quantiles)
         sel = t_day == d
         point[sel] = p[t_slot[sel]]
-        quant[:, sel] = q[:, t_slot[sel]]
+        if q is not None:
+            quant[:, sel] = q[:, t_slot[sel]]
         sources.add(src)
     point = np.maximum(np.nan_to_num(point, nan=0.0), 0.0)
-    quant = np.sort(np.maximum(np.nan_to_num(quant, nan=0.0), 0.0), axis=0)
+    qs: list[FloatArray | None] = [None, None, None]
+    if quantiles:
+        quant = np.sort(np.maximum(np.nan_to_num(quant, nan=0.0), 0.0), axis=0)
+        qs = [quant[0], quant[1], quant[2]]
     source = sources.pop() if len(sources) == 1 else "history+prior"
     return LoadForecast(
         start=float(start),
         step_s=step_s,
         watts=point,
-        p10=quant[0],
-        p50=quant[1],
-        p90=quant[2],
+        p10=qs[0],
+        p50=qs[1],
+        p90=qs[2],
         history_days=valid_days,
         source=source,
         dropped=hist.dropped,

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -298,6 +299,17 @@ def test_stress_day_limits_by_hand() -> None:
         assert (d.expected_limit(t, "export_w"), d.expected_limit(t, "import_w")) == (exp, imp), h
         assert d.limits_at(t).generation_w is None and d.limits_at(t).load_w is None
     assert [round((t - DAY) / 3600, 2) for t in d.change_times()] == [11, 13, 13.5, 17.5, 19.5]
+
+
+def test_stress_day_limits_resolved_per_segment_are_the_resolvers() -> None:
+    """limits_at answers from one resolution per segment between edges: at, just before and
+    just after every edge, and in a random order, it agrees with the schedule itself."""
+    d = stress_day("home-0", DAY)
+    edges = [c.start for c in d.controls] + [c.start + c.duration_s for c in d.controls]
+    ts = [DAY - 1.0, DAY + 86400.0] + [e + dt for e in edges for dt in (-1e-6, 0.0, 1e-6)]
+    ts += list(DAY + np.random.default_rng(5).uniform(0, 86400, 200))
+    for t in sorted(ts, key=math.sin):  # not in time order: the cache must not rely on it
+        assert d.limits_at(t) == d._resolver.active(t).limits, t
 
 
 def test_stress_day_is_publishable() -> None:

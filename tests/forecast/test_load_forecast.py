@@ -195,3 +195,19 @@ def test_weighted_quantiles_hand_checked() -> None:
     assert q2[0, 0] == pytest.approx(2.0 + (6.5 - 1.5) / 5.5)
     allnan = weighted_quantiles(np.full((3, 2), np.nan), np.ones(3), [0.5])
     assert np.all(np.isnan(allnan))
+
+
+@pytest.mark.parametrize("mean_weight", [1.0, 0.6])
+@pytest.mark.parametrize("days", [0, 3, 21])
+def test_point_forecast_without_quantiles_is_the_same(mean_weight: float, days: int) -> None:
+    """The planner's cheaper call (no quantiles) plans on exactly the same point forecast."""
+    t, w = periodic_load(days, seed=3) if days else (np.array([]), np.array([]))
+    issue = T0 + 7 * 3600.0 + 111.0
+    tz = ZoneInfo("Europe/Berlin")
+    cfg = LoadConfig(mean_weight=mean_weight)
+    full = forecast_load(t, w, issue, step_s=900, tz=tz, config=cfg)
+    lean = forecast_load(t, w, issue, step_s=900, tz=tz, config=cfg, quantiles=False)
+    assert full.p10 is not None and lean.p10 is None and lean.p50 is None and lean.p90 is None
+    np.testing.assert_array_equal(lean.watts, full.watts)
+    assert (lean.start, lean.source, lean.history_days) == (full.start, full.source,
+                                                           full.history_days)

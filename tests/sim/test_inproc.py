@@ -9,6 +9,7 @@ faults keep their meaning (no reply = timeout, drop = lost connection, exception
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -111,8 +112,10 @@ async def test_faults_keep_their_meaning() -> None:
                 await link.read_holding(40000, 2)
             faults.clear()
             faults.timeout()
+            t0 = time.monotonic()
             with pytest.raises(DeviceTimeout, match="no reply"):
                 await link.read_holding(40000, 2)
+            assert time.monotonic() - t0 >= 0.2  # the client waited its timeout out
             faults.clear()
             assert len(await link.read_holding(40000, 2)) == 2
             faults.drop()  # one-shot: the connection goes, the next request reconnects
