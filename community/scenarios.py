@@ -90,18 +90,17 @@ class StressDay:
         return tuple(sorted({t for c in self.controls for t in (c.start, c.start + c.duration_s)}))
 
     @functools.cached_property
-    def _by_segment(self) -> dict[int, Limits]:
-        return {}
+    def _segments(self) -> tuple[Limits, ...]:
+        # segment i is [edges[i-1], edges[i]) (open-ended at both ends); constant within, as
+        # the resolver has no contact timeout
+        e = self._edges
+        at = (e[0] - 1.0, *e) if e else (self.day_start,)
+        return tuple(self._resolver.active(t).limits for t in at)
 
     def limits_at(self, t: float) -> Limits:
         """The limits the DSO asked for at ``t`` (``None`` = not limited)."""
-        # Constant between the controls' edges (the resolver has no contact timeout): resolved
-        # once per segment; the observers ask every few domain seconds for every home.
-        i = bisect.bisect_right(self._edges, t)
-        lim = self._by_segment.get(i)
-        if lim is None:
-            lim = self._by_segment[i] = self._resolver.active(t).limits
-        return lim
+        # resolved once per segment: the observers ask every few domain seconds for every home
+        return self._segments[bisect.bisect_right(self._edges, t)]
 
     def expected_limit(self, t: float, name: LimitName = "export_w") -> float | None:
         """One limit at ``t``: e.g. ``expected_limit(t, "export_w")`` in W, ``None`` = none."""

@@ -29,10 +29,8 @@ async def test_stop_wakes_every_sleeper_at_once(tmp_path: Path) -> None:
         sleepers = [asyncio.create_task(gw._sleep_until(START + h * 3600.0)) for h in (1, 2)]
         await asyncio.sleep(0.05)
         assert not any(s.done() for s in sleepers)
-        t0 = time.monotonic()
         gw.stop.set()
         await asyncio.wait_for(asyncio.gather(*sleepers), 1.0)  # returned, not cancelled
-        assert time.monotonic() - t0 < 0.5
         assert not gw._sleeping and not gw._woken
         # once stopped, a sleep returns without waiting
         await asyncio.wait_for(gw._sleep_until(START + 3600.0), 0.1)
