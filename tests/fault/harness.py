@@ -196,9 +196,11 @@ async def running_site(mosquitto: Any, tmp_path: Path, *, speed: float = 40.0,
 
             async def watch_setpoints() -> None:
                 while True:
-                    sp = gw.setpoint
-                    if sp is not None:
-                        site.setpoints.append((clock.now(), sp.battery_w, sp.inverter_limit_pct))
+                    # stamped with the cycle that decided it (set with it, no await between):
+                    # the poll may see a setpoint late, after a later read's event
+                    sp, live = gw.setpoint, gw.live
+                    if sp is not None and live is not None:
+                        site.setpoints.append((live.ts, sp.battery_w, sp.inverter_limit_pct))
                     await asyncio.sleep(0.02)
 
             sp_task = asyncio.create_task(watch_setpoints())
