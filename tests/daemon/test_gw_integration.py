@@ -136,6 +136,10 @@ async def test_commands_are_applied_or_rejected_with_a_reason(home: Home, mosqui
             gateway(cfg, clock) as run:
         await wait_until(lambda: run.gw.live is not None and run.gw.live.battery is not None,
                          20, "first battery reading")
+        # Commands are not retained: one published before the gateway subscribed is lost (ci
+        # on stop 10 published after the first reading but before the session's SUBSCRIBE).
+        await wait_until(lambda: run.gw.mqtt is not None and run.gw.mqtt.connected.is_set(),
+                         20, "the gateway's MQTT session (subscribed)")
 
         async def send(name: str, payload: bytes | str, retain: bool = False) -> dict[str, Any]:
             n = len(col.on(f"{results}/{name}"))
