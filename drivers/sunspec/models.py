@@ -41,8 +41,8 @@ NOT_IMPLEMENTED: dict[str, int] = {
     "pad": 0x8000,
 }
 
-_SIGNED = {"int16", "int32", "int64", "sunssf"}
-_NUMERIC_SIZES = {
+SIGNED_TYPES = frozenset({"int16", "int32", "int64", "sunssf"})
+NUMERIC_SIZES = {
     "int16": 1, "uint16": 1, "count": 1, "acc16": 1, "enum16": 1, "bitfield16": 1,
     "sunssf": 1, "pad": 1, "int32": 2, "uint32": 2, "acc32": 2, "enum32": 2,
     "bitfield32": 2, "ipaddr": 2, "float32": 2, "int64": 4, "uint64": 4, "acc64": 4,
@@ -116,7 +116,7 @@ class ModelDef:
 
 def _point(raw: dict[str, Any], offset: int) -> PointDef:
     ptype = raw["type"]
-    size = int(raw.get("size", _NUMERIC_SIZES.get(ptype, 1)))
+    size = int(raw.get("size", NUMERIC_SIZES.get(ptype, 1)))
     sf = raw.get("sf")
     return PointDef(
         name=raw["name"],
@@ -231,7 +231,7 @@ def decode_raw(p: PointDef, regs: list[int] | tuple[int, ...]) -> int | float | 
         return v if math.isfinite(v) else None
     if p.type in ("ipv6addr", "eui48"):
         return "".join(f"{r:04x}" for r in regs)
-    return regs_to_int(regs, signed=p.type in _SIGNED)
+    return regs_to_int(regs, signed=p.type in SIGNED_TYPES)
 
 
 def encode_raw(p: PointDef, value: int | float | str | None) -> list[int]:
@@ -248,7 +248,7 @@ def encode_raw(p: PointDef, value: int | float | str | None) -> list[int]:
         return list(struct.unpack(">HH", struct.pack(">f", float(value))))
     iv = int(value)
     bits = 16 * p.size
-    if p.type in _SIGNED:
+    if p.type in SIGNED_TYPES:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     else:
         lo, hi = 0, (1 << bits) - 1

@@ -25,6 +25,9 @@ from drivers.modbus import WriteRefused
 from drivers.natures import DeviceError, DeviceRejected
 from drivers.sunspec.discovery import ModelLocation, SunSpecMap
 from drivers.sunspec.models import (
+    NOT_IMPLEMENTED,
+    NUMERIC_SIZES,
+    SIGNED_TYPES,
     ModelDef,
     ModelDefinitionError,
     PointDef,
@@ -102,27 +105,67 @@ def _resolve_sf(p: PointDef, scope: Mapping[str, Value], outer: Mapping[str, Val
     return int(v)
 
 
+# How one point decodes: (name, offset, size, sentinel, signed, needs_sf, point). ``size`` 0 means
+# "not a plain integer": decode it with the generic :func:`decode_raw` (strings, floats,
+# addresses, a definition whose size does not match its type).
+_Step = tuple[str, int, int, int | None, bool, bool, PointDef]
+_INT_SIZES = {t: n for t, n in NUMERIC_SIZES.items() if t != "float32"}
+_plans: dict[int, tuple[object, tuple[_Step, ...]]] = {}
+
+
+def _decode_plan(points: Iterable[PointDef]) -> tuple[_Step, ...]:
+    """The steps decoding ``points``, kept per points tuple (a model's, a group's or a poll
+    selection's: all long-lived, cached tuples). A poll decodes the same few points thousands of
+    times a day; resolving each point's type, sentinel and sign once is most of the saving."""
+    hit = _plans.get(id(points))
+    if hit is not None and hit[0] is points:
+        return hit[1]
+    steps: list[_Step] = []
+    for p in points:
+        size = p.size if p.size == _INT_SIZES.get(p.type) else 0
+        # "count" has a sentinel in the table but is always implemented (decode_raw's rule).
+        sentinel = None if p.type == "count" else NOT_IMPLEMENTED.get(p.type)
+        steps.append((p.name, p.offset, size, sentinel, p.type in SIGNED_TYPES,
+                      p.sf is not None and p.type != "sunssf", p))
+    plan = tuple(steps)
+    if isinstance(points, tuple):
+        _plans[id(points)] = (points, plan)
+    return plan
+
+
 def _decode_points(
     points: Iterable[PointDef], regs: Sequence[int], start: int, outer: Mapping[str, Value]
 ) -> tuple[dict[str, Value], dict[str, Value], dict[str, int | None]]:
     raw: dict[str, Value] = {}
-    pts = list(points)
-    for p in pts:
-        a = start + p.offset
-        raw[p.name] = decode_raw(p, list(regs[a : a + p.size]))
+    plan = _decode_plan(points)
+    n = len(regs)
+    for name, off, size, sentinel, signed, _sf, p in plan:
+        a = start + off
+        # Integers inline (the same value as decode_raw, see the property test); anything else,
+        # or a point running past the registers (decode_raw raises), the generic way.
+        if size == 1 and a < n:
+            u = regs[a] & 0xFFFF
+            raw[name] = (None if u == sentinel
+                         else u - 0x10000 if signed and u >= 0x8000 else u)
+        elif size == 2 and a + 1 < n:
+            u = ((regs[a] & 0xFFFF) << 16) | (regs[a + 1] & 0xFFFF)
+            raw[name] = (None if u == sentinel
+                         else u - 0x100000000 if signed and u >= 0x80000000 else u)
+        else:
+            raw[name] = decode_raw(p, list(regs[a : a + p.size]))
     values: dict[str, Value] = {}
     sfs: dict[str, int | None] = {}
-    for p in pts:
-        r = raw[p.name]
-        if p.sf is None or p.type == "sunssf":
-            values[p.name] = r
+    for name, _o, _s, _n, _g, needs_sf, p in plan:
+        r = raw[name]
+        if not needs_sf:
+            values[name] = r
             continue
         sf = _resolve_sf(p, raw, outer)
-        sfs[p.name] = sf
+        sfs[name] = sf
         if r is None or sf is None or isinstance(r, str):
-            values[p.name] = None
+            values[name] = None
         else:
-            values[p.name] = apply_sf(r, sf)
+            values[name] = apply_sf(r, sf)
     return values, raw, sfs
 
 

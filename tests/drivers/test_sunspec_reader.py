@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from modbus_servers import ServeFn
 from pymodbus.constants import ExcCodes
 from sunspec_images import RawValues, battery_image, block, chain, inverter_image
@@ -10,7 +12,15 @@ from sunspec_images import RawValues, battery_image, block, chain, inverter_imag
 from drivers.modbus import ModbusLink, WriteRefused
 from drivers.natures import DeviceError, DeviceRejected
 from drivers.sunspec.discovery import ModelLocation, discover
-from drivers.sunspec.reader import SunSpecReader, decode_model, plan_reads
+from drivers.sunspec.models import decode_raw, load_model
+from drivers.sunspec.reader import (
+    SF_MAX,
+    SF_MIN,
+    SunSpecReader,
+    apply_sf,
+    decode_model,
+    plan_reads,
+)
 
 
 async def reader_for(s) -> SunSpecReader:  # type: ignore[no-untyped-def]
@@ -218,3 +228,52 @@ def test_partial_decode_matches_full_decode() -> None:
             assert part.values[name] == full.values[name], (mid, name)
     with pytest.raises(ValueError, match=r"model 103 has no points \['Bogus'\]"):
         decode_model(ModelLocation(103, 40070, 50), [103, 50] + [0] * 50, ["Bogus"])
+
+
+# The integer fast path of the decoder against the generic per-point decoder, on registers
+# biased towards the sentinels and sign boundaries; integer, float, string and 64-bit points,
+# scale factors in and out of range, repeating groups.
+_WORDS = st.one_of(st.sampled_from([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF, 0xFFF6, 10]),
+                   st.integers(0, 0xFFFF))
+
+
+@settings(max_examples=300, deadline=None)
+@given(mid=st.sampled_from([1, 103, 111, 122, 124, 160, 203, 213, 701, 704, 802]),
+       data=st.data(), selected=st.booleans())
+def test_fast_decode_equals_the_generic_decoder(mid: int, data: st.DataObject,
+                                                selected: bool) -> None:
+    mdef = load_model(mid)
+    group_regs = sum(g.size for g in mdef.groups) * 2
+    regs = data.draw(st.lists(_WORDS, min_size=mdef.fixed_size + group_regs,
+                              max_size=mdef.fixed_size + group_regs))
+    loc = ModelLocation(mid, 40000, mdef.fixed_size + group_regs - 2)
+    only = None
+    if selected:
+        only = data.draw(st.sets(st.sampled_from([p.name for p in mdef.points]), min_size=1))
+    try:
+        mv = decode_model(loc, regs, only)
+    except ValueError as e:  # only an out-of-range scale factor may refuse the block
+        assert "scale factor" in str(e)
+        assert any(p.type == "sunssf" and (r := decode_raw(p, regs[p.offset: p.offset + 1]))
+                   is not None and not SF_MIN <= int(r) <= SF_MAX for p in mdef.points)
+        return
+    for name, got in mv.raw.items():
+        p = next(q for q in mdef.points if q.name == name)
+        assert got == decode_raw(p, regs[p.offset: p.offset + p.size]), name
+    for name, v in mv.values.items():
+        p = next(q for q in mdef.points if q.name == name)
+        r, sf = mv.raw[name], mv.sfs.get(name, 0)
+        if p.sf is None or p.type == "sunssf":
+            assert v == r, name
+        elif r is None or sf is None or isinstance(r, str):
+            assert v is None, name
+        else:
+            assert v == apply_sf(r, sf), name
+    off = mdef.fixed_size
+    for g in mdef.groups if only is None else ():
+        for inst in mv.groups[g.name]:
+            for p in g.points:
+                if p.sf is None:
+                    assert inst[p.name] == decode_raw(p, regs[off + p.offset:
+                                                              off + p.offset + p.size])
+            off += g.size
