@@ -133,6 +133,9 @@ class HomeSpec:
     site: str
     kind: str
     config: HomeConfig
+    # where in every period (control cycle, compliance sample) this home runs, a fraction in
+    # [0, 1): members spread evenly, so a worker's gateways do not all poll at the same instant
+    phase: float = 0.0
 
 
 def site_day(site: str, kind: str, day_start: float) -> StressDay:
@@ -163,7 +166,7 @@ def home_mix(n: int) -> list[HomeSpec]:
             soc0_pct=50.0, reserve_pct=10.0, seed=i,
             load_scale=(0.8, 1.0, 1.25, 1.5)[(i // 2) % 4] * (1.0 + (i // 20) * 0.1),
         )
-        out.append(HomeSpec(f"home-{i:02d}", kind, cfg))
+        out.append(HomeSpec(f"home-{i:02d}", kind, cfg, phase=i / n))
     return out
 
 
@@ -262,7 +265,8 @@ def _gateway_config(spec: HomeSpec, job: WorkerJob, sim: Any) -> Any:
         "store": {"path": str(Path(job.out_dir) / f"{spec.site}.db"),
                   "telemetry_interval_s": 60.0, "commit_interval_s": 300.0},
         "mqtt": {"state_interval_s": 300.0},
-        "control": {"cycle_s": job.cycle_s, "startup_grace_s": 5.0},
+        "control": {"cycle_s": job.cycle_s, "startup_grace_s": 5.0,
+                    "phase_s": round(spec.phase * job.cycle_s, 3) % job.cycle_s},
         "tariff": job.tariff_table,
         # each home's envelope status every 5 min (and on every change), not every minute: less
         # broker traffic and CPU for a fleet, the same compliance data (telemetry carries it)
@@ -342,7 +346,8 @@ async def _run_worker(job: WorkerJob, conn: Connection) -> list[dict[str, Any]]:
                 run_home(clock, spec.config, transport=job.devices, name=spec.site))
             day = site_day(spec.site, spec.kind, job.day_start)
             obs = EnvelopeObserver(sim.physics, clock, day.limits_at, job.tolerance_w,
-                                   step_s=job.envelope_sample_s)
+                                   step_s=job.envelope_sample_s,
+                                   phase_s=spec.phase * job.envelope_sample_s)
             smp = _Samples()
             cfg = _gateway_config(spec, job, sim)
             runs.append((spec, sim, day, obs, smp, cfg))

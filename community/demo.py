@@ -268,9 +268,15 @@ class EnvelopeObserver:
     tolerance_w: float
     step_s: float = 1.0
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # t, site, exceed
+    # Samples at t = phase_s + k * step_s (None: from the start). Observers of many homes in one
+    # process are spread over the step, not woken all at once.
+    phase_s: float | None = None
+
+    def _anchor(self, t: float) -> float:
+        return t if self.phase_s is None else t - (t - self.phase_s) % self.step_s
 
     async def run(self, until: float) -> None:
-        t = self.clock.now()
+        t = self._anchor(self.clock.now())
         while t < until:
             await self.clock.sleep_until(t)
             ts, site_w, load_w = self.physics.site_now()
@@ -279,7 +285,9 @@ class EnvelopeObserver:
             imp = max(0.0, site_w - lim.import_w) if lim.import_w is not None else 0.0
             self.samples.append((ts, site_w, exp if exp >= imp else -imp))
             self._loads.append(load_w)
-            t = max(t + self.step_s, self.clock.now())
+            t += self.step_s
+            if t < self.clock.now():  # late by a whole step: the next slot, no catching up
+                t = self._anchor(self.clock.now()) + self.step_s
 
     def __post_init__(self) -> None:
         self._loads: list[float] = []

@@ -100,6 +100,10 @@ class ControlConfig:
     # reconnect does not cut PV, and at cycle_s 1 s with 2 s read timeouts the failsafe is in
     # force ~6 s after the meter died, inside the 15 s containment of AS/NZS 4777.2.
     meter_loss_cycles: int = 3
+    # Where in the period cycles run: at Unix times t with (t - phase_s) % cycle_s == 0. None:
+    # from whenever the gateway started. Gateways that start together (power back after a cut,
+    # a simulated community) otherwise poll their devices and publish in lockstep forever.
+    phase_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -481,7 +485,7 @@ def _parse_control(c: Mapping[str, Any], r: _Reader) -> ControlConfig:
 
     p = "control"
     r.unknown(c, {"cycle_s", "revert_s", "reserve_soc_pct", "default_mode", "read_timeout_s",
-                  "startup_grace_s", "meter_loss_cycles"}, p)
+                  "startup_grace_s", "meter_loss_cycles", "phase_s"}, p)
     cycle = r.get(c, "cycle_s", p, float, 1.0, check=_range(0.1, 60.0))
     revert = r.get(c, "revert_s", p, float, 60.0, check=_range(2.0, 3600.0))
     if revert < 4 * cycle:
@@ -499,6 +503,10 @@ def _parse_control(c: Mapping[str, Any], r: _Reader) -> ControlConfig:
         read_timeout_s=r.get(c, "read_timeout_s", p, float, 2.0, check=_range(0.1, 30.0)),
         startup_grace_s=r.get(c, "startup_grace_s", p, float, 15.0, check=_range(0.0, 600.0)),
         meter_loss_cycles=r.get(c, "meter_loss_cycles", p, int, 3, check=_range(1, 30)),
+        phase_s=(r.get(c, "phase_s", p, float, 0.0,
+                       check=lambda v: None if 0 <= v < cycle else
+                       f"must be in [0, cycle_s = {cycle:g}), got {v:g}")
+                 if "phase_s" in c else None),
     )
 
 

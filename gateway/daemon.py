@@ -326,7 +326,7 @@ class Gateway:
 
     async def fast_loop(self) -> None:
         cycle = self.cfg.control.cycle_s
-        next_t = self.clock.now()
+        next_t = self._anchor(self.clock.now())
         # real time as the clock counts it: a simulation's held timeline is no clock step
         real = getattr(self.clock, "monotonic", time.monotonic)
         mono, dom = real(), next_t
@@ -345,13 +345,22 @@ class Gateway:
                 log.warning("clock jumped by %+.1f s; control cycles re-anchored", jump)
                 self.event("warning", "clock", f"clock jumped by {jump:+.1f} s; control cycles "
                                                "re-anchored", {"jump_s": round(jump, 3)})
-                next_t = now
+                next_t = self._anchor(now)
             elif now > next_t + cycle:
                 # Late by more than a cycle: re-anchor rather than burst to catch up.
                 self.stats.overruns += 1
-                next_t = now
+                next_t = self._anchor(now)
             await self._sleep_until(next_t)
         await self.wind_down()
+
+    def _anchor(self, now: float) -> float:
+        """The cycle slot to count from at ``now``: ``now`` itself, or with ``control.phase_s``
+        the latest slot at or before it (the cycle due then runs at once, the next on the
+        grid)."""
+        phase = self.cfg.control.phase_s
+        if phase is None:
+            return now
+        return now - (now - phase) % self.cfg.control.cycle_s
 
     async def _sleep_until(self, t: float, wake: asyncio.Event | None = None) -> None:
         """Until domain time ``t``, or sooner when ``stop`` (or ``wake``) is set."""

@@ -78,6 +78,8 @@ def test_example_config_is_valid() -> None:
      "one of meter"),
     (lambda t: t.replace("reserve_soc_pct = 15", "cycle_s = 5.0\nrevert_s = 10"),
      "control.revert_s", "at least 4 x cycle_s"),
+    (lambda t: t.replace("reserve_soc_pct = 15", "cycle_s = 5.0\nphase_s = 5.0"),
+     "control.phase_s", "must be in [0, cycle_s = 5)"),
     (lambda t: t.replace('password = "secret"', 'password_file = "nope.txt"'),
      "broker.password_file", "cannot read"),
     (lambda t: t.replace('username = "gw"\n', ""), "broker.username", "required when a password"),
