@@ -51,7 +51,8 @@ class RegisterServer(Protocol):
         values: list[int] | None,
     ) -> list[int] | int:
         """The registers read (FC 3/4), ``[]`` for a good write (FC 16), or a Modbus exception
-        code (int). May raise :class:`DropConnection`, or :class:`NoReply` (no reply)."""
+        code (int). May raise :class:`DropConnection`, or :class:`NoReply` (no reply). Must not
+        suspend for long: the client arms no timer around it."""
         ...
 
 
@@ -101,6 +102,11 @@ def served() -> list[str]:
 class InProcessClient:
     """The small part of pymodbus' async client API that :class:`~drivers.modbus.ModbusLink`
     uses, answered by a registered :class:`RegisterServer` instead of a socket."""
+
+    #: A request returns at once (servers do not suspend: :class:`RegisterServer`) or, for a
+    #: server that does not answer, after this client's own ``timeout_s``; the link arms no
+    #: timer of its own (:class:`~drivers.modbus.ModbusLink`).
+    bounds_its_wait = True
 
     def __init__(self, name: str, timeout_s: float) -> None:
         self.name = name

@@ -8,6 +8,7 @@ faults keep their meaning (no reply = timeout, drop = lost connection, exception
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -144,3 +145,33 @@ async def test_in_process_homes_register_and_unregister() -> None:
     with pytest.raises(ValueError, match="needs a name"):
         async with run_home(clock, HomeConfig(), transport="inproc"):
             pass
+
+
+async def test_in_process_requests_arm_no_timer() -> None:
+    """A fleet simulation makes thousands of requests a second: the in-process link answers
+    them without a timer (a Modbus TCP link, for contrast, arms at least one per request)."""
+    loop = asyncio.get_running_loop()
+    armed: list[Any] = []
+    real_call_at = loop.call_at
+
+    def spy(when: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        armed.append(callback)
+        return real_call_at(when, callback, *args, **kw)
+
+    async with both(ManualClock(NOON)) as sim:
+        meter = sim.endpoint("meter")
+        async with ModbusLink.inproc("t-meter", 1, timeout_s=0.2) as fast, \
+                ModbusLink.tcp(meter.host, meter.port, meter.unit, timeout_s=0.5) as wire:
+            for link in (fast, wire):  # connected before counting
+                await link.read_holding(40000, 2)
+            counts = {}
+            for label, link in (("inproc", fast), ("tcp", wire)):
+                armed.clear()
+                loop.call_at = spy  # type: ignore[method-assign]
+                try:
+                    for _ in range(10):
+                        assert len(await link.read_holding(40002, 66)) == 66
+                finally:
+                    del loop.call_at  # the bound method of the class again
+                counts[label] = len(armed)
+    assert counts["inproc"] == 0 and counts["tcp"] >= 10, counts
