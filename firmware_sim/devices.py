@@ -34,6 +34,8 @@ A request for another unit id gets ``GATEWAY_NO_RESPONSE`` (0x0B), as a Modbus T
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,6 +150,8 @@ class SimulatedDevice:
             for blk in self.image.models
             for p in blk.mdef.points
         ]
+        self._points.sort(key=lambda x: x[0])
+        self._starts = [x[0] for x in self._points]  # a write looks only at points it touches
         # dynamic models: (start index, end index, refresh function)
         self._dynamic: list[tuple[int, int, Callable[[HomeState], None]]] = []
         for mid, fn in self._refreshers().items():
@@ -288,7 +292,7 @@ class SimulatedDevice:
         for a, b, fn in self._dynamic:
             if a < hi and lo < b:
                 if state is None:
-                    state = self.physics.state()
+                    state = self.physics.register_state()
                 fn(state)
 
     # ---- writes -------------------------------------------------------------------------------
@@ -297,8 +301,12 @@ class SimulatedDevice:
         hi = lo + len(values)
         written: set[tuple[int, str]] = set()
         covered = 0
-        for a, b, mid, p in self._points:
-            if b <= lo or a >= hi:
+        # From the last point starting at or before ``lo`` (it may reach into the write).
+        first = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        for a, b, mid, p in itertools.islice(self._points, first, None):
+            if a >= hi:
+                break
+            if b <= lo:
                 continue
             if a < lo or b > hi:
                 return ExcCodes.ILLEGAL_VALUE  # part of a multi-register point
