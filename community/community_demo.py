@@ -165,6 +165,9 @@ def home_mix(n: int) -> list[HomeSpec]:
             battery_max_charge_w=3300.0, battery_max_discharge_w=3300.0,
             soc0_pct=50.0, reserve_pct=10.0, seed=i,
             load_scale=(0.8, 1.0, 1.25, 1.5)[(i // 2) % 4] * (1.0 + (i // 20) * 0.1),
+            # registers refresh once a second, as a meter's do: a cycle's reads of one home
+            # (meter, inverter, battery, a write's read-back) share one snapshot of its physics
+            register_update_s=1.0,
         )
         out.append(HomeSpec(f"home-{i:02d}", kind, cfg, phase=i / n))
     return out

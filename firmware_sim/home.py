@@ -72,12 +72,17 @@ class HomeConfig:
     pv_seed: int = 0  # the weather realisation; homes of one community share it (same sky)
     inverter_ramp_s: float = 2.0  # default WMaxLimPct ramp when RmpTms is not written
     phase_split: tuple[float, float, float] = (0.40, 0.35, 0.25)  # load share per phase
+    # How often the devices' measurement registers update (domain s): a real meter or inverter
+    # refreshes them every 0.1-1 s, not at every request. 0: every read sees the physics at
+    # that instant. A write that commands the physics is seen by the next read either way.
+    register_update_s: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"HomeConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("pv_kwp", "battery_wh", "load_scale", "inverter_ramp_s"):
+        for name in ("pv_kwp", "battery_wh", "load_scale", "inverter_ramp_s",
+                     "register_update_s"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
         for name in ("inverter_rated_w", "battery_max_charge_w", "battery_max_discharge_w"):
@@ -358,6 +363,7 @@ class HomePhysics:
         self._y0, self._y1 = _year_bounds(self.t)
         self.segments = 0  # integration segments so far (a cost figure)
         self._phases = config.phases
+        self._register_snap: HomeState | None = None
 
     # ---- profile lookup -----------------------------------------------------------------
     def _year_offset(self, t: float) -> float:
@@ -484,6 +490,11 @@ class HomePhysics:
         inv.r_dur = self.config.inverter_ramp_s if inv.ramp_s is None else inv.ramp_s
 
     # ---- commands (applied at clock.now()) --------------------------------------------------
+    def _command(self) -> None:
+        """Integrate up to now under the old controls; the registers' snapshot is stale."""
+        self.advance()
+        self._register_snap = None
+
     def command_inverter_limit(
         self,
         pct: float | None = None,
@@ -493,7 +504,7 @@ class HomePhysics:
     ) -> None:
         """A write to the model 123 limit points: arguments given are the new values. Every
         such write (re)starts the revert timer when the limit is enabled and ``revert_s > 0``."""
-        self.advance()
+        self._command()
         inv = self.inverter
         if pct is not None:
             if not 0 <= pct <= 100:
@@ -519,7 +530,7 @@ class HomePhysics:
     ) -> None:
         """A write to the model 124 rate-window points; (re)starts the revert timer when a
         limit is active and ``revert_s > 0``."""
-        self.advance()
+        self._command()
         st = self.storage
         if mode is not None:
             if not 0 <= mode <= 3:
@@ -537,21 +548,21 @@ class HomePhysics:
         st.deadline = self.t + st.revert_s if st.mode and st.revert_s > 0 else None
 
     def set_reserve_pct(self, pct: float) -> None:
-        self.advance()
+        self._command()
         if not 0 <= pct <= 100:
             raise ValueError(f"MinRsvPct {pct} outside 0..100")
         self.storage.reserve_pct = float(pct)
 
     def set_wmax(self, w: float) -> None:
         """WMax (model 121), the base of WMaxLimPct; at most the rating."""
-        self.advance()
+        self._command()
         if not 0 < w <= self.inverter.rated_w:
             raise ValueError(f"WMax {w} outside (0, {self.inverter.rated_w}]")
         self.inverter.wmax_w = float(w)
 
     def set_wchamax(self, w: float) -> None:
         """WChaMax (model 124): the charge rate, and the base of InWRte/OutWRte."""
-        self.advance()
+        self._command()
         if not w > 0:
             raise ValueError(f"WChaMax {w} must be > 0")
         self.storage.wchamax_w = float(w)
@@ -560,7 +571,7 @@ class HomePhysics:
         self, inverter_rated_w: float | None = None, battery_max_w: float | None = None
     ) -> None:
         """Change nameplate ratings (a device replaced or reconfigured)."""
-        self.advance()
+        self._command()
         if inverter_rated_w is not None:
             self.inverter.rated_w = float(inverter_rated_w)
             self.inverter.wmax_w = float(inverter_rated_w)
@@ -590,6 +601,15 @@ class HomePhysics:
         self.advance()
         load, _avail, pv, bat, _lim = self._flows(self.t)
         return self.t, load - pv + bat, load
+
+    def register_state(self) -> HomeState:
+        """What the devices' registers show now: the last :meth:`state` if it is younger than
+        ``config.register_update_s`` and nothing was commanded since, else a fresh one."""
+        snap = self._register_snap
+        if snap is not None and self.clock.now() - snap.t < self.config.register_update_s:
+            return snap
+        snap = self._register_snap = self.state()
+        return snap
 
     def state(self) -> HomeState:
         """Advance to now and return a snapshot."""

@@ -246,3 +246,25 @@ def test_profile_time_is_utc_day_of_year() -> None:
     assert ph.state().load_w == 154 * 24
     clock.t = DAY0 + 5 * 3600 + 1
     assert ph.state().load_w == 154 * 24 + 5
+
+
+def test_registers_update_every_register_update_s_and_on_commands() -> None:
+    """Devices show a snapshot at most ``register_update_s`` old (a real device's refresh
+    period); a command makes the next read fresh; 0 (the default) is always fresh."""
+    ph, clock = make(HomeConfig(register_update_s=1.0), t0=NOON)
+    a = ph.register_state()
+    clock.t += 0.9
+    assert ph.register_state() is a  # within the period: the same registers
+    clock.t += 0.2
+    b = ph.register_state()
+    assert b is not a and b.t == pytest.approx(NOON + 1.1)
+    clock.t += 0.1
+    ph.command_storage(mode=3, in_pct=40.0, out_pct=-40.0)  # +2000 W, the next read shows it
+    c = ph.register_state()
+    assert c is not b and c.battery_w == pytest.approx(2000.0) and b.battery_w != c.battery_w
+    exact, clock2 = make(HomeConfig(), t0=NOON)
+    first = exact.register_state()
+    clock2.t += 0.01
+    assert exact.register_state().t == pytest.approx(NOON + 0.01) and first.t == NOON
+    with pytest.raises(ValueError, match="register_update_s"):
+        HomeConfig(register_update_s=-1.0)
