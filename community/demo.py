@@ -26,7 +26,7 @@ from typing import Any
 
 import aiomqtt
 
-from drivers.clock import SimClock
+from drivers.clock import SimClock, grid_slot
 from firmware_sim.home import HomeConfig, HomePhysics
 from firmware_sim.profiles import pv_profile
 from firmware_sim.server import run_home
@@ -272,11 +272,8 @@ class EnvelopeObserver:
     # process are spread over the step, not woken all at once.
     phase_s: float | None = None
 
-    def _anchor(self, t: float) -> float:
-        return t if self.phase_s is None else t - (t - self.phase_s) % self.step_s
-
     async def run(self, until: float) -> None:
-        t = self._anchor(self.clock.now())
+        t = grid_slot(self.clock.now(), self.step_s, self.phase_s)
         while t < until:
             await self.clock.sleep_until(t)
             ts, site_w, load_w = self.physics.site_now()
@@ -286,8 +283,9 @@ class EnvelopeObserver:
             self.samples.append((ts, site_w, exp if exp >= imp else -imp))
             self._loads.append(load_w)
             t += self.step_s
-            if t < self.clock.now():  # late by a whole step: the next slot, no catching up
-                t = self._anchor(self.clock.now()) + self.step_s
+            if t < self.clock.now():  # woke late by a step or more (that was the sample at
+                # once): on from the next slot, no burst of catch-up samples
+                t = grid_slot(self.clock.now(), self.step_s, self.phase_s) + self.step_s
 
     def __post_init__(self) -> None:
         self._loads: list[float] = []

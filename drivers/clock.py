@@ -57,6 +57,13 @@ class WallClock:
         await asyncio.sleep(max(0.0, dt))
 
 
+def grid_slot(t: float, period_s: float, phase_s: float | None) -> float:
+    """The latest time at or before ``t`` on the grid ``phase_s + k * period_s`` (``t`` itself
+    without a phase): where periodic work anchors so that many loops started together do not
+    all run at the same instant."""
+    return t if phase_s is None else t - (t - phase_s) % period_s
+
+
 class TimeHold:
     """Real seconds during which a shared simulated timeline stood still, shared by processes.
 

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from drivers.clock import Clock, WallClock
+from drivers.clock import Clock, WallClock, grid_slot
 from drivers.natures import (
     Battery,
     BatteryReading,
@@ -357,10 +357,7 @@ class Gateway:
         """The cycle slot to count from at ``now``: ``now`` itself, or with ``control.phase_s``
         the latest slot at or before it (the cycle due then runs at once, the next on the
         grid)."""
-        phase = self.cfg.control.phase_s
-        if phase is None:
-            return now
-        return now - (now - phase) % self.cfg.control.cycle_s
+        return grid_slot(now, self.cfg.control.cycle_s, self.cfg.control.phase_s)
 
     async def _sleep_until(self, t: float, wake: asyncio.Event | None = None) -> None:
         """Until domain time ``t``, or sooner when ``stop`` (or ``wake``) is set."""

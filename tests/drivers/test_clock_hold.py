@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from drivers.clock import SimClock, TimeHold, govern
+from drivers.clock import SimClock, TimeHold, govern, grid_slot
 
 
 def _child_adds(hold: TimeHold, seconds: float) -> None:
@@ -109,3 +109,13 @@ def test_domain_time_moves_as_the_clocks_own_real_time_even_across_holds() -> No
     d1, m1, r1 = clock.now(), clock.monotonic(), time.monotonic()
     assert (d1 - d0) - (m1 - m0) * clock.speed == pytest.approx(0.0, abs=1.0)
     assert (d1 - d0) - (r1 - r0) * clock.speed < -5.0  # time.monotonic() would see a step back
+
+
+def test_grid_slot_is_the_latest_slot_at_or_before_t() -> None:
+    assert grid_slot(1003.7, 10.0, None) == 1003.7  # no phase: t itself
+    assert grid_slot(1003.7, 10.0, 2.5) == pytest.approx(1002.5)
+    assert grid_slot(1002.5, 10.0, 2.5) == pytest.approx(1002.5)  # on the grid: itself
+    assert grid_slot(1002.4, 10.0, 2.5) == pytest.approx(992.5)
+    for t in (0.0, 0.3, 9.99, 123456.789):
+        s = grid_slot(t, 5.0, 1.25)
+        assert s <= t < s + 5.0 and (s - 1.25) / 5.0 == pytest.approx(round((s - 1.25) / 5.0))

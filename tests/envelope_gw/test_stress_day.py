@@ -85,3 +85,37 @@ async def test_stress_day_stays_within_the_envelope(mosquitto: Any, tmp_path: Pa
     assert "envelope_limits" in kinds
     assert gw.envelope is not None and gw.envelope.stats.exceedance_events == env[
         "exceedance_events"]
+
+
+async def test_observer_samples_on_its_phase_grid_and_after_a_stall_at_once() -> None:
+    """With ``phase_s`` the compliance samples sit at phase + k * step (observers of many homes
+    in one process are spread over the step); a sampler late by more than a step samples at
+    once and goes on from the grid."""
+    from gateway.envelope import Limits
+
+    class Clock:
+        speed = 1.0
+        t = 1000.3
+
+        def now(self) -> float:
+            return self.t
+
+        async def sleep_until(self, t: float) -> None:
+            self.t = max(self.t, t)
+            if len(obs.samples) == 3:
+                self.t += 12.0  # a 12 s stall after the third sample
+
+    class Physics:
+        def site_now(self) -> tuple[float, float, float]:
+            return clock.t, -2000.0, 300.0
+
+    clock = Clock()
+    obs = EnvelopeObserver(Physics(), clock, lambda _t: Limits(export_w=1500.0), 100.0,
+                           step_s=5.0, phase_s=1.25)
+    await obs.run(1040.0)
+    ts = [s[0] for s in obs.samples]
+    assert ts[0] == 1000.3  # at start
+    assert ts[1:3] == [1001.25, 1006.25]
+    assert ts[3] == 1023.25  # the stall: sampled at once ...
+    assert ts[4:] == [1026.25, 1031.25, 1036.25]  # ... then on the grid again
+    assert all(e == 500.0 for _, _, e in obs.samples)
