@@ -111,6 +111,7 @@ def _resolve_sf(p: PointDef, scope: Mapping[str, Value], outer: Mapping[str, Val
 _Step = tuple[str, int, int, int | None, bool, bool, PointDef]
 _INT_SIZES = {t: n for t, n in NUMERIC_SIZES.items() if t != "float32"}
 _plans: dict[int, tuple[object, tuple[_Step, ...]]] = {}
+_PLANS_MAX = 1024  # models x poll selections in use are a few dozen
 
 
 def _decode_plan(points: Iterable[PointDef]) -> tuple[_Step, ...]:
@@ -128,7 +129,8 @@ def _decode_plan(points: Iterable[PointDef]) -> tuple[_Step, ...]:
         steps.append((p.name, p.offset, size, sentinel, p.type in SIGNED_TYPES,
                       p.sf is not None and p.type != "sunssf", p))
     plan = tuple(steps)
-    if isinstance(points, tuple):
+    # Bounded: a caller passing a fresh tuple per call would otherwise grow it without end.
+    if isinstance(points, tuple) and len(_plans) < _PLANS_MAX:
         _plans[id(points)] = (points, plan)
     return plan
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import re
 from collections.abc import AsyncIterator
@@ -144,11 +143,11 @@ async def test_control_phase_puts_every_cycle_on_its_grid(home: Home, mosquitto:
                     starts.append(live.ts)
                 await asyncio.sleep(0.004)  # 0.08 domain s: every 1 s cycle is seen
             await run.finish()
-        # The first cycle runs at once (at start); every later one on the grid, a wake-up's
-        # latency late at most (at x20, 0.15 domain s = 7.5 ms).
-        after = [(t - phase) % 1.0 for t in starts[2:]]
-        assert all(a < 0.15 for a in after), (phase, after)
-        assert all(b - a == pytest.approx(1.0, abs=0.15) for a, b in itertools.pairwise(starts[2:]))
+        # The first cycle runs at once (at start); later ones on the grid, a wake-up's latency
+        # late (at x20, 0.1 domain s = 5 ms): the median, so one slow wake-up on a loaded
+        # runner does not fail it; a loop ignoring the phase sits at a constant, random offset.
+        after = sorted((t - phase) % 1.0 for t in starts[2:])
+        assert after[len(after) // 2] < 0.1 and after[-1] < 0.6, (phase, after)
 
 
 async def test_commands_are_applied_or_rejected_with_a_reason(home: Home, mosquitto: Any,
