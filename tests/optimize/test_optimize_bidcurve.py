@@ -134,7 +134,10 @@ def test_without_storage_the_one_solve_curve_equals_solving_every_price(x: PlanI
     curve = bid_curve(x, k, prices)
     for p, got in zip(prices, curve.raw_net_export_wh, strict=True):
         one = bid_curve(x, k, [p])  # a single price: always solved
-        assert got == pytest.approx(float(one.raw_net_export_wh[0]), abs=1e-3)
+        # Energy worth under 1e-6 (currency) at ``p`` per kWh is a tie inside the solver's
+        # optimality tolerance, broken either way by a warm start (ci21: 0.0086 Wh of a 0.03 W
+        # PV at a ~0 feed-in tariff was sold by one solve and curtailed by the other).
+        assert got == pytest.approx(float(one.raw_net_export_wh[0]), abs=max(1e-3, 1e-3 / p))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
