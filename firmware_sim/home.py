@@ -36,7 +36,7 @@ Controls (what the Modbus devices write, see :mod:`firmware_sim.devices`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -49,6 +49,23 @@ from drivers.clock import Clock
 RAMP_TICK_S = 1.0
 
 _EPS_WH = 1e-9
+
+#: (load, pv_avail, pv_out, battery, limit_pct) W/%: the flows from an instant on.
+Flows = tuple[float, float, float, float, float]
+#: A probe: called with (t, flows at t) as the integration passes one of its grid times.
+Probe = Callable[[float, Flows], None]
+
+
+@dataclass(slots=True)
+class _ProbeSlot:
+    fn: Probe
+    step_s: float
+    phase_s: float
+    k: int  # the next call is at phase_s + k * step_s
+
+    @property
+    def next_t(self) -> float:
+        return self.phase_s + self.k * self.step_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +381,8 @@ class HomePhysics:
         self.segments = 0  # integration segments so far (a cost figure)
         self._phases = config.phases
         self._register_snap: HomeState | None = None
+        self._probes: list[_ProbeSlot] = []
+        self._next_probe = math.inf
 
     # ---- profile lookup -----------------------------------------------------------------
     def _year_offset(self, t: float) -> float:
@@ -386,7 +405,7 @@ class HomePhysics:
         inv = self.inverter
         return ramp_pct(t, inv.r_t0, inv.r_start, inv.r_target, inv.r_dur)
 
-    def _flows(self, t: float) -> tuple[float, float, float, float, float]:
+    def _flows(self, t: float) -> Flows:
         """(load, pv_avail, pv_out, battery, limit_pct) from ``t`` on."""
         load = self.load_at(t)
         avail = self.pv_avail_at(t)
@@ -417,8 +436,11 @@ class HomePhysics:
         tot = self._tot
         while t < t_end:
             self._fire_events(t)
-            load, avail, pv, bat, _ = self._flows(t)
-            t_next = t_end
+            flows = self._flows(t)
+            if t >= self._next_probe:
+                self._run_probes(t, flows)
+            load, avail, pv, bat, _ = flows
+            t_next = min(t_end, self._next_probe)
             for p in (self.load_profile, self.pv_profile):
                 step = p.step_s
                 t_next = min(t_next, (math.floor(t / step) + 1) * step)
@@ -463,6 +485,34 @@ class HomePhysics:
         if t_end > self.t:
             self.t = t_end
         self._fire_events(self.t)
+
+    # ---- probes -------------------------------------------------------------------------------
+    def add_probe(self, step_s: float, fn: Probe, phase_s: float = 0.0) -> None:
+        """Call ``fn(t, flows)`` at every ``t = phase_s + k * step_s`` from the model's present
+        on, as the integration passes it: exactly what :meth:`site_now` (or :meth:`snapshot`
+        inside ``fn``) would have shown at ``t``, with no task woken at ``t`` (an observer of
+        many homes sampling every few seconds cost more than the homes' physics).
+
+        Calls come late (when something next advances the model: a device read, a command,
+        :meth:`advance`), in time order. ``fn`` may read the model through :meth:`snapshot`
+        only; it must not advance or command it."""
+        if not (step_s > 0 and math.isfinite(step_s) and math.isfinite(phase_s)):
+            raise ValueError(f"probe step {step_s} / phase {phase_s}: need a finite step > 0")
+        slot = _ProbeSlot(fn, float(step_s), float(phase_s),
+                          math.ceil((self.t - phase_s) / step_s))
+        self._probes.append(slot)
+        self._next_probe = min(self._next_probe, slot.next_t)
+
+    def _run_probes(self, t: float, flows: Flows) -> None:
+        nxt = math.inf
+        for p in self._probes:
+            if t >= p.next_t:
+                p.fn(t, flows)
+                p.k += 1
+                while p.next_t <= t:  # (only after float rounding at the grid time)
+                    p.k += 1
+            nxt = min(nxt, p.next_t)
+        self._next_probe = nxt
 
     def _fire_events(self, t: float) -> None:
         inv = self.inverter
@@ -614,8 +664,12 @@ class HomePhysics:
     def state(self) -> HomeState:
         """Advance to now and return a snapshot."""
         self.advance()
-        t = self.t
-        load, avail, pv, bat, lim = self._flows(t)
+        return self.snapshot(self.t, self._flows(self.t))
+
+    def snapshot(self, t: float, flows: Flows) -> HomeState:
+        """The state at ``t`` with ``flows`` from ``t`` on, the counters as integrated so far
+        (``t`` must be where the integration stands: :meth:`state`, or inside a probe)."""
+        load, avail, pv, bat, lim = flows
         tot = self._tot
         cap = self.capacity_wh
         return HomeState(

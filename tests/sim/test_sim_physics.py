@@ -129,6 +129,52 @@ def test_counters_do_not_depend_on_poll_rate() -> None:
     )
 
 
+def test_probes_see_what_a_state_read_at_their_grid_time_sees() -> None:
+    """A probe is called at each grid time as the integration passes it, however coarse the
+    reads, with what ``state()`` read at that instant would show; commands in between apply
+    from their own instant (the probed twin is commanded at the same times)."""
+    cfg = HomeConfig(battery_wh=6000, soc0_pct=40)
+    probed, cp = make(cfg, t0=NOON - 3600)
+    polled, cq = make(cfg, t0=NOON - 3600)
+    seen: list[tuple[float, float, float, float]] = []
+
+    def probe(t: float, flows: tuple[float, float, float, float, float]) -> None:
+        s = probed.snapshot(t, flows)
+        seen.append((t, s.site_w, s.stored_wh, s.import_wh))
+
+    probed.add_probe(5.0, probe, phase_s=1.25)
+    commands = {NOON - 1800.0: (40.0, 1), NOON - 600.0: (100.0, 0)}  # inverter limit, battery
+    expected: list[tuple[float, float, float, float]] = []
+    rng = random.Random(3)
+    t = NOON - 3600 + 1.25
+    while t < NOON:
+        for when, (pct, mode) in commands.items():
+            if t - 5.0 < when <= t:
+                for ph, c in ((probed, cp), (polled, cq)):
+                    c.t = when
+                    ph.command_inverter_limit(pct=pct, enabled=pct < 100)
+                    ph.command_storage(mode=mode, in_pct=-50, out_pct=50)
+        cq.t = t
+        s = polled.state()
+        expected.append((t, s.site_w, s.stored_wh, s.import_wh))
+        if rng.random() < 0.1:  # the probed home is read now and then, at any time
+            cp.t = t + rng.uniform(0, 4)
+            probed.state()
+        t += 5.0
+    cp.t = NOON
+    probed.advance()
+    assert [x[0] for x in seen] == pytest.approx([x[0] for x in expected], abs=1e-9)
+    for got, want in zip(seen, expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-6)
+    assert len({round(x[1]) for x in seen}) > 3  # the site power did move
+
+
+def test_probe_step_must_be_positive() -> None:
+    ph, _ = make(HomeConfig())
+    with pytest.raises(ValueError, match="probe step"):
+        ph.add_probe(0.0, lambda t, f: None)
+
+
 def test_counters_equal_the_profile_integral_without_battery() -> None:
     load, pv = day_profiles()
     ph, clock = make(HomeConfig(battery_wh=0), profiles=(load, pv))
