@@ -47,6 +47,7 @@ Rules (the contract; docs/architecture.md and docs/mqtt.md quote them):
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -378,6 +379,17 @@ def _wins(a: Control, b: Control, name: str) -> bool:
     return a.id < b.id
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """Controls and default resolved over one segment between window bounds (before rule 5)."""
+
+    values: tuple[float | None, float | None, float | None, float | None]
+    limits: Limits
+    sources: tuple[Source, Source, Source, Source]
+    origins: tuple[str | None, str | None, str | None, str | None]
+    next_change: float | None  # the segment's end
+
+
 class Schedule:
     """The controls and default held for one site, resolved to the limits in force.
 
@@ -390,6 +402,13 @@ class Schedule:
         self.last_contact: float | None = None
         self._controls: dict[str, Control] = {}
         self._lost: dict[str, set[str]] = {}  # control id -> limits it no longer governs
+        # The resolution of controls and default between two window bounds does not change:
+        # cached per segment until the next change of controls, default or config (a control
+        # loop resolves every cycle; a plan asks for every step of its horizon).
+        self._version = 0
+        self._seg_key: tuple[int, DefaultControl | None, EnvelopeConfig] | None = None
+        self._bounds: list[float] = []
+        self._segs: dict[int, _Resolved] = {}
 
     # -- contents
 
@@ -441,6 +460,7 @@ class Schedule:
                 "capacity",
                 f"already holding {len(self._controls)} controls; control {control.id} refused",
             )
+        self._version += 1
         if held is not None:
             del self._controls[control.id]
             self._lost.pop(control.id, None)
@@ -485,6 +505,8 @@ class Schedule:
     def expire(self, now: float) -> list[Control]:
         """Drop controls whose window has ended by ``now``; returns them (for "completed" acks)."""
         done = [c for c in self._controls.values() if c.end <= now]
+        if done:
+            self._version += 1
         for c in done:
             del self._controls[c.id]
             self._lost.pop(c.id, None)
@@ -507,20 +529,66 @@ class Schedule:
 
     def active(self, now: float) -> ActiveLimits:
         """The limits in force at ``now`` (module rules 4-5)."""
+        seg = self._segment(now)
         stale = self.contact_lost(now)
+        next_change = seg.next_change
+        if stale:
+            fallback = self.config.fallback
+            values = list(seg.values)
+            sources = list(seg.sources)
+            origins = list(seg.origins)
+            for i, n in enumerate(LIMIT_NAMES):
+                fb = fallback.get(n)
+                v = values[i]
+                if sources[i] != "fallback" and fb is not None and (v is None or fb <= v):
+                    values[i], sources[i], origins[i] = fb, "fallback", None
+            limits = Limits(*values)
+            src4 = (sources[0], sources[1], sources[2], sources[3])
+            org4 = (origins[0], origins[1], origins[2], origins[3])
+        else:
+            limits, src4, org4 = seg.limits, seg.sources, seg.origins
+            if self.config.contact_timeout_s is not None and self.last_contact is not None:
+                t = self.last_contact + self.config.contact_timeout_s
+                if next_change is None or t < next_change:
+                    next_change = t
+        overall: Source = (
+            "control" if "control" in src4 else "default" if "default" in src4 else "fallback"
+        )
+        return ActiveLimits(
+            limits=limits,
+            source=overall,
+            sources=src4,
+            origins=org4,
+            contact_lost=stale,
+            next_change=next_change,
+        )
+
+    def _segment(self, now: float) -> _Resolved:
+        """Controls and default resolved at ``now`` before rule 5 (contact), cached for the
+        segment between the window bounds around ``now``."""
+        key = self._seg_key
+        if (key is None or key[0] != self._version or key[1] is not self.default
+                or key[2] is not self.config):
+            # new objects, not cleared ones: a shallow copy (a view with another config)
+            # must not empty the original's cache
+            self._seg_key = (self._version, self.default, self.config)
+            self._bounds = sorted({t for c in self._controls.values()
+                                   for t in (c.start, c.start + c.duration_s)})
+            self._segs = {}
+        i = bisect.bisect_right(self._bounds, now)
+        seg = self._segs.get(i)
+        if seg is None:
+            seg = self._segs[i] = self._resolve(now, self._bounds[i]
+                                                if i < len(self._bounds) else None)
+        return seg
+
+    def _resolve(self, now: float, next_change: float | None) -> _Resolved:
         fallback = self.config.fallback
-        values: dict[str, float | None] = {}
+        covering = [c for c in self._controls.values()
+                    if c.start <= now < c.start + c.duration_s]
+        values: list[float | None] = []
         sources: list[Source] = []
         origins: list[str | None] = []
-        next_change: float | None = None
-        covering: list[Control] = []
-        for c in self._controls.values():
-            start, end = c.start, c.start + c.duration_s
-            if start <= now < end:
-                covering.append(c)
-            for t in (start, end):
-                if t > now and (next_change is None or t < next_change):
-                    next_change = t
         for n in LIMIT_NAMES:
             best: Control | None = None
             for c in covering:
@@ -528,38 +596,23 @@ class Schedule:
                     continue
                 if best is None or _wins(c, best, n):  # defensive: rule 2 leaves at most one
                     best = c
-            value: float | None
-            src: Source
-            origin: str | None
             if best is not None:
-                value, src, origin = getattr(best, n), "control", best.id
+                values.append(getattr(best, n))
+                sources.append("control")
+                origins.append(best.id)
             elif self.default is not None and getattr(self.default, n) is not None:
-                value, src, origin = getattr(self.default, n), "default", self.default.id
+                values.append(getattr(self.default, n))
+                sources.append("default")
+                origins.append(self.default.id)
             else:
-                value, src, origin = fallback.get(n), "fallback", None
-            fb = fallback.get(n)
-            if stale and src != "fallback" and fb is not None and (value is None or fb <= value):
-                value, src, origin = fb, "fallback", None
-            values[n] = value
-            sources.append(src)
-            origins.append(origin)
-        if (
-            self.config.contact_timeout_s is not None
-            and not stale
-            and self.last_contact is not None
-        ):
-            t = self.last_contact + self.config.contact_timeout_s
-            if next_change is None or t < next_change:
-                next_change = t
-        overall: Source = (
-            "control" if "control" in sources else "default" if "default" in sources else "fallback"
-        )
-        return ActiveLimits(
-            limits=Limits(**values),
-            source=overall,
+                values.append(fallback.get(n))
+                sources.append("fallback")
+                origins.append(None)
+        return _Resolved(
+            values=(values[0], values[1], values[2], values[3]),
+            limits=Limits(*values),
             sources=(sources[0], sources[1], sources[2], sources[3]),
             origins=(origins[0], origins[1], origins[2], origins[3]),
-            contact_lost=stale,
             next_change=next_change,
         )
 

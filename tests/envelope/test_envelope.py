@@ -377,6 +377,45 @@ def test_schedule_matches_the_order_free_reference_in_any_arrival_order(
 
 
 @settings(max_examples=100, deadline=None)
+@given(
+    controls_st,
+    st.lists(st.tuples(st.sampled_from(["ask", "ask", "ask", "add", "expire", "default",
+                                        "contact", "view"]),
+                       st.integers(-6, 44).map(lambda k: NOW + k * 450.0 - 0.5 * (k % 3))),
+             min_size=1, max_size=30),
+)
+def test_cached_resolution_equals_a_fresh_schedule_after_any_changes(
+    controls: list[Control], steps: list[tuple[str, float]]
+) -> None:
+    """``active`` caches per segment between window bounds: interleaving questions with every
+    kind of change (controls held and expired, a new default, contact, a view with another
+    config), each answer equals a fresh schedule's (restored from the same state, no cache)."""
+    cfg = EnvelopeConfig(fallback=Limits(export_w=1500.0), contact_timeout_s=900.0)
+    s = Schedule(SITE, cfg)
+    pending = list(controls)
+    n_default = 0
+    for op, t in steps:
+        if op == "add" and pending:
+            s.add(pending.pop())
+        elif op == "expire":
+            s.expire(t)
+        elif op == "default":
+            n_default += 1
+            s.set_default(dflt(created=NOW - 100 + n_default, cid=f"d{n_default}",
+                               export_w=4000.0 - 500 * (n_default % 4)))
+        elif op == "contact":
+            s.mark_contact(t)
+        elif op == "view":
+            import copy
+            v = copy.copy(s)
+            v.config = EnvelopeConfig(fallback=Limits(export_w=1200.0, import_w=900.0))
+            fresh_v = Schedule.from_json(v.to_json(), v.config)
+            assert v.active(t) == fresh_v.active(t)
+        fresh = Schedule.from_json(s.to_json(), cfg)
+        assert s.active(t) == fresh.active(t), (op, t)
+
+
+@settings(max_examples=100, deadline=None)
 @given(controls_st, st.integers(-5, 40).map(lambda k: NOW + k * 450.0))
 def test_contact_timeout_never_loosens(controls: list[Control], t: float) -> None:
     fb = Limits(export_w=1500, import_w=None)
