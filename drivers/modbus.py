@@ -277,6 +277,12 @@ class ModbusLink:
             out.extend(regs[:n])
         return out
 
+    @property
+    def bounds_its_wait(self) -> bool:
+        """True when every request answers at once or fails by itself within ``timeout_s``
+        (the in-process transport): a caller need not arm its own timer around a read."""
+        return self._bounded
+
     async def _request(self, what: str, call: Callable[[_Client], Awaitable[Any]]) -> Any:
         async with self._lock:
             self.requests += 1

@@ -266,8 +266,9 @@ class SimulatedDevice:
         lo = address - self.image.base
         hi = lo + count
         if set_values is not None:
-            if not frozen:
-                self.refresh(lo, hi)
+            # No refresh first: a write is judged against what the client last read (a block
+            # written back unchanged must match those values), and applying it commands the
+            # physics, which integrates up to now by itself.
             code = self.write(lo, [int(v) for v in set_values])
             if code is not None:
                 self.rejected += 1

@@ -147,6 +147,11 @@ class _Slot:
     injected: bool = False
     frozen: bool = False  # failing because its values froze: it still takes writes
 
+    @property
+    def self_bounded(self) -> bool:
+        """The device's link bounds every request itself (in-process devices)."""
+        return bool(getattr(getattr(self.dev, "link", None), "bounds_its_wait", False))
+
 
 class Gateway:
     """All state of one running gateway. Built by :func:`run_gateway`."""
@@ -418,9 +423,14 @@ class Gateway:
                 self.stats.poll_errors += 1
                 return None
         try:
-            # asyncio.timeout, not wait_for: no task per read (three reads a cycle)
-            async with asyncio.timeout(self.cfg.control.read_timeout_s):
+            if slot.self_bounded:
+                # Each request answers at once or fails within the device's timeout, and a read
+                # stops at its first failure: no timer to arm (and leave in the loop's heap)
                 reading = await slot.dev.read()
+            else:
+                # asyncio.timeout, not wait_for: no task per read (three reads a cycle)
+                async with asyncio.timeout(self.cfg.control.read_timeout_s):
+                    reading = await slot.dev.read()
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.poll_errors += 1
             self._device_failed(slot, e)
@@ -526,14 +536,14 @@ class Gateway:
             # Frozen values, but it still takes writes: hold the last setpoint (re-sent, so its
             # revert timer does not hand it back to its own mode on stale information).
             w = self._sent_bat[0]
-            if await self._write(slot.dev.set_power(w, revert), "battery power (held)"):
+            if await self._write(slot, slot.dev.set_power(w, revert), "battery power (held)"):
                 self._sent_bat = (w, t)
                 self.stats.battery_writes += 1
         if slot is not None and slot.dev is not None and state.battery is not None:
             bat: Battery = slot.dev
             if sp.battery_w is None:
                 if self._sent_bat is not None:
-                    await self._write(bat.release(), "battery release")
+                    await self._write(slot, bat.release(), "battery release")
                     self._sent_bat = None
             else:
                 b = state.battery
@@ -541,7 +551,8 @@ class Gateway:
                 last = self._sent_bat
                 due = (last is None or abs(sp.battery_w - last[0]) > deadband
                        or t - last[1] >= resend)
-                if due and await self._write(bat.set_power(sp.battery_w, revert), "battery power"):
+                if due and await self._write(
+                        slot, bat.set_power(sp.battery_w, revert), "battery power"):
                     self._sent_bat = (sp.battery_w, t)
                     self.stats.battery_writes += 1
         islot = self.slots.get("inverter")
@@ -551,7 +562,8 @@ class Gateway:
             # Frozen, still taking writes: the held limit is re-sent, or its revert timer would
             # lift it (a looser limit) while we cannot see its output.
             pct = self._sent_inv[0]
-            if await self._write(islot.dev.set_limit_pct(pct, revert), "inverter limit (held)"):
+            if await self._write(islot, islot.dev.set_limit_pct(pct, revert),
+                                 "inverter limit (held)"):
                 self._sent_inv = (pct, t)
                 self.stats.inverter_writes += 1
         if (islot is not None and islot.dev is not None and state.inverter is not None
@@ -564,7 +576,8 @@ class Gateway:
                 # Nothing to hold: 100 % is what the inverter does without us, and what its
                 # revert timer returns it to. (Reaching 100 % from below is written once.)
                 due = False
-            if due and await self._write(inv.set_limit_pct(pct, revert), "inverter limit"):
+            if due and await self._write(islot, inv.set_limit_pct(pct, revert),
+                                         "inverter limit"):
                 self._sent_inv = (pct, t)
                 self.stats.inverter_writes += 1
 
@@ -637,10 +650,13 @@ class Gateway:
         self._resume = (new, t)
         return replace(sp, inverter_limit_pct=round(new, 2))
 
-    async def _write(self, aw: Awaitable[None], what: str) -> bool:
+    async def _write(self, slot: _Slot, aw: Awaitable[None], what: str) -> bool:
         try:
-            async with asyncio.timeout(self.cfg.control.read_timeout_s * 2):
+            if slot.self_bounded:  # as in _read: each request bounds itself
                 await aw
+            else:
+                async with asyncio.timeout(self.cfg.control.read_timeout_s * 2):
+                    await aw
         except (DeviceError, TimeoutError, OSError) as e:
             self.stats.write_errors += 1
             log.warning("write %s failed: %s", what, e or "timeout")
@@ -675,7 +691,7 @@ class Gateway:
         slot = self.slots.get("battery")
         if slot is not None and slot.dev is not None:
             # Release even if we believe we never commanded it: a previous run may have.
-            if await self._write(slot.dev.release(), "battery release"):
+            if await self._write(slot, slot.dev.release(), "battery release"):
                 log.info("battery released to its own control")
             self._sent_bat = None
         rec = self.agg.close()

@@ -22,6 +22,7 @@ from drivers.modbus import ModbusLink
 from drivers.natures import DeviceError, DeviceRejected, DeviceTimeout
 from firmware_sim.home import HomeConfig
 from firmware_sim.server import SimulatedHome, run_home
+from gateway.daemon import _Slot
 
 from .conftest import NOON, ManualClock, day_profiles
 
@@ -93,6 +94,9 @@ async def test_gateway_natures_read_the_same_values_and_writes_act() -> None:
                 "inverter": (await devs["inverter"].read()).ac_w,  # type: ignore[union-attr]
                 "battery": (await devs["battery"].read()).soc_pct,  # type: ignore[union-attr]
             }
+            # the gateway arms no timer of its own around an in-process device's reads
+            assert all(_Slot(k, None, dev=d).self_bounded == (transport == "inproc")
+                       for k, d in devs.items())
             if transport == "inproc":
                 await devs["inverter"].set_limit_pct(40.0, 600.0)  # type: ignore[union-attr]
                 assert sim.physics.inverter.r_target == pytest.approx(40.0)
