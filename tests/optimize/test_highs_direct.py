@@ -22,7 +22,12 @@ FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthChe
 
 
 def _same_optimum(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
+    # Within 1e-5 (relative, or absolute near 0): both are optima at the solvers' default
+    # tolerances, reached from different starting points. ci23 drew an objective of ~0 (24 W of
+    # surplus worth 1.2e-7/kWh) that cvxpy, after solving other problems, returned as 6e-7 here
+    # and beyond 1e-6 on the runner. A stale matrix or basis, what these tests look for, is off
+    # by whole percent.
+    return abs(a - b) <= 1e-5 * max(1.0, abs(a), abs(b))
 
 
 @FAST
