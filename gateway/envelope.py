@@ -383,7 +383,6 @@ def _wins(a: Control, b: Control, name: str) -> bool:
 class _Resolved:
     """Controls and default resolved over one segment between window bounds (before rule 5)."""
 
-    values: tuple[float | None, float | None, float | None, float | None]
     limits: Limits
     sources: tuple[Source, Source, Source, Source]
     origins: tuple[str | None, str | None, str | None, str | None]
@@ -534,7 +533,8 @@ class Schedule:
         next_change = seg.next_change
         if stale:
             fallback = self.config.fallback
-            values = list(seg.values)
+            lim = seg.limits
+            values = [lim.get(n) for n in LIMIT_NAMES]
             sources = list(seg.sources)
             origins = list(seg.origins)
             for i, n in enumerate(LIMIT_NAMES):
@@ -609,7 +609,6 @@ class Schedule:
                 sources.append("fallback")
                 origins.append(None)
         return _Resolved(
-            values=(values[0], values[1], values[2], values[3]),
             limits=Limits(*values),
             sources=(sources[0], sources[1], sources[2], sources[3]),
             origins=(origins[0], origins[1], origins[2], origins[3]),
