@@ -214,7 +214,7 @@ def auto_speed(opts: CommunityOptions) -> float:
     ceiling x140 -> x119 in effect, 728 s, 1 excursion beyond tolerance; x190 -> x145, 601 s,
     7 (15.2 s ones: a few ms of extra delay at these speeds is seconds of response); x300 ->
     x195, 447 s, 10. 10 homes over TCP: x200 clean, x330 3."""
-    cores = max(1, os.cpu_count() or 1)
+    cores = len(usable_cpus())
     share = 0.7 if opts.elastic else 0.35
     speed = share * cores / cpu_per_domain_s(opts)
     if opts.elastic:
@@ -248,6 +248,47 @@ class WorkerJob:
     stuck_after_s: float = 600.0
     devices: str = "tcp"
     hold: Any = None  # drivers.clock.TimeHold shared with the parent (None: a rigid timeline)
+    cpu: int | None = None  # the core this worker runs on (None: wherever the OS puts it)
+
+
+def usable_cpus() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's share),
+    at least one entry even where the platform cannot tell."""
+    if hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if cpus:
+            return cpus
+    return list(range(max(1, os.cpu_count() or 1)))
+
+
+def worker_cpus(n: int, cpus: Sequence[int]) -> list[int | None]:
+    """The core each of ``n`` workers is pinned to: one core each while there are at least as
+    many cores as workers (and more than one), else none (the OS balances an oversubscribed
+    set better than a fixed round robin that doubles some cores up).
+
+    Why pin: each worker is one busy interpreter (its fast loops and planning thread share one
+    lock, so it never uses more than about one core); left free, the scheduler moves it between
+    cores as the parent, the broker and the other worker wake, and every move starts it on cold
+    caches and makes its event loop late, which holds the shared timeline for every process.
+    Measured, 50 homes in two workers, 3 simulated hours at x400 on two cores: 40.4-42.4 s
+    wall and 62.8-66.4 CPU s pinned, 45.0-45.3 s and 69.8-71.7 s free."""
+    if len(cpus) < 2 or n > len(cpus):
+        return [None] * n
+    return [cpus[i] for i in range(n)]
+
+
+def _pin(cpu: int) -> None:
+    # Every thread the process has by now (numpy's BLAS pool starts at import): a thread
+    # started later inherits its creator's mask.
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, {cpu})
+        except OSError as e:  # a thread that just ended, or a mask the container forbids
+            log.debug("worker: thread %d not pinned to CPU %d: %s", tid, cpu, e)
 
 
 def _gateway_config(spec: HomeSpec, job: WorkerJob, sim: Any) -> Any:
@@ -454,6 +495,8 @@ def worker_main(job: WorkerJob, conn: Connection) -> None:
     sys.setswitchinterval(0.0005)
     # A worker that outlives its day by far is stuck: say where, on stderr.
     faulthandler.dump_traceback_later(job.stuck_after_s, exit=False)
+    if job.cpu is not None:
+        _pin(job.cpu)
     try:
         asyncio.run(_run_worker(job, conn))
     except BaseException:  # report any failure to the parent, never hang it
@@ -522,12 +565,14 @@ async def _day(opts: CommunityOptions, specs: list[HomeSpec], broker: Any, out: 
         tolerance_w=100.0, day_start=day_start, devices=opts.transport, hold=hold,
         stuck_after_s=opts.sim_hours * 3600.0 / speed * 6.0 + 120.0,
     )
-    nworkers = opts.workers or max(1, os.cpu_count() or 1)
+    cpus = usable_cpus()
+    shares = _split(specs, min(opts.workers or len(cpus), len(specs)))
     ctx = mp.get_context("spawn")
     procs: list[tuple[Any, Connection]] = []
-    for share in _split(specs, min(nworkers, len(specs))):
+    for share, cpu in zip(shares, worker_cpus(len(shares), cpus), strict=True):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=worker_main, args=(WorkerJob(homes=share, **job0), child),
+        p = ctx.Process(target=worker_main, args=(WorkerJob(homes=share, cpu=cpu, **job0),
+                                                  child),
                         name=f"hems-community-{tag}", daemon=True)
         p.start()
         child.close()
@@ -833,7 +878,7 @@ async def run_community(opts: CommunityOptions) -> dict[str, Any]:
             "homes": opts.homes,
             "kinds": {k: sum(1 for s in specs if s.kind == k) for k in KINDS},
             "sim_hours": opts.sim_hours, "speed": speed, "cycle_s": opts.cycle_s,
-            "interval_s": opts.interval_s, "workers": min(opts.workers or os.cpu_count() or 1,
+            "interval_s": opts.interval_s, "workers": min(opts.workers or len(usable_cpus()),
                                                           opts.homes),
             "broker": broker_kind,
             "devices": opts.transport,
