@@ -383,6 +383,11 @@ class HomePhysics:
         self._register_snap: HomeState | None = None
         self._probes: list[_ProbeSlot] = []
         self._next_probe = math.inf
+        # The flows of the segment the integration stands in, valid for t < _seg_until (until
+        # a profile step, a ramp tick, a revert deadline or a battery bound, or a command):
+        # (flows, stored rate Wh/s, the bound it runs into at _seg_until or None)
+        self._seg: tuple[Flows, float, float | None] = ((0.0, 0.0, 0.0, 0.0, 0.0), 0.0, None)
+        self._seg_until = -math.inf
 
     # ---- profile lookup -----------------------------------------------------------------
     def _year_offset(self, t: float) -> float:
@@ -429,38 +434,26 @@ class HomePhysics:
 
     # ---- integration ------------------------------------------------------------------------
     def advance(self, t_end: float | None = None) -> None:
-        """Integrate up to ``t_end`` (default ``clock.now()``). Never goes back in time."""
+        """Integrate up to ``t_end`` (default ``clock.now()``). Never goes back in time.
+
+        Flows are constant between change points (profile steps, ramp ticks, revert deadlines,
+        a battery reaching a bound) and commands; a segment cut by anything else (a read, a
+        probe) continues on the flows already worked out (many reads and probes fall between
+        two profile steps)."""
         t_end = self.clock.now() if t_end is None else t_end
         t = self.t
-        cfg = self.config
         tot = self._tot
         while t < t_end:
             self._fire_events(t)
-            flows = self._flows(t)
+            if t < self._seg_until:
+                flows, rate, bound = self._seg
+            else:
+                flows, rate, bound = self._segment(t)
             if t >= self._next_probe:
                 self._run_probes(t, flows)
+            change = self._seg_until
+            t_next = min(t_end, self._next_probe, change)
             load, avail, pv, bat, _ = flows
-            t_next = min(t_end, self._next_probe)
-            for p in (self.load_profile, self.pv_profile):
-                step = p.step_s
-                t_next = min(t_next, (math.floor(t / step) + 1) * step)
-            inv = self.inverter
-            t_next = min(t_next, next_ramp_tick(t, inv.r_t0, inv.r_dur))
-            for dl in (inv.deadline, self.storage.deadline):
-                if dl is not None and dl > t:
-                    t_next = min(t_next, dl)
-            rate = stored_rate_wh_per_s(bat, cfg.charge_efficiency, cfg.discharge_efficiency)
-            bound: float | None = None
-            if rate > 0:
-                bound = self.capacity_wh
-            elif rate < 0:
-                bound = self._reserve_wh()
-            if bound is not None:
-                t_hit = t + (bound - self.stored_wh) / rate
-                if t_hit < t_next:
-                    t_next = max(t_hit, t)
-                else:
-                    bound = None
             dt_h = (t_next - t) / 3600.0
             site = load - pv + bat
             if site >= 0:
@@ -474,7 +467,7 @@ class HomePhysics:
                 tot.charge_wh += bat * dt_h
             else:
                 tot.discharge_wh -= bat * dt_h
-            if bound is not None:
+            if bound is not None and t_next == change:
                 self.stored_wh = bound  # exactly at the limit, no float creep
             else:
                 self.stored_wh = min(
@@ -485,6 +478,44 @@ class HomePhysics:
         if t_end > self.t:
             self.t = t_end
         self._fire_events(self.t)
+
+    def _segment(self, t: float) -> tuple[Flows, float, float | None]:
+        """Work out the flows from ``t`` on and until when they hold (``_seg_until``)."""
+        cfg = self.config
+        flows = self._flows(t)
+        bat = flows[3]
+        until = math.inf
+        for p in (self.load_profile, self.pv_profile):
+            step = p.step_s
+            until = min(until, (math.floor(t / step) + 1) * step)
+        inv = self.inverter
+        until = min(until, next_ramp_tick(t, inv.r_t0, inv.r_dur))
+        for dl in (inv.deadline, self.storage.deadline):
+            if dl is not None and dl > t:
+                until = min(until, dl)
+        rate = stored_rate_wh_per_s(bat, cfg.charge_efficiency, cfg.discharge_efficiency)
+        bound: float | None = None
+        if rate > 0:
+            bound = self.capacity_wh
+        elif rate < 0:
+            bound = self._reserve_wh()
+        if bound is not None:
+            t_hit = t + (bound - self.stored_wh) / rate
+            if t_hit < until:
+                until = max(t_hit, t)
+            else:
+                bound = None
+        if until <= t:
+            # Already at the bound: these flows hold for this instant only (the next segment
+            # starts from the bound with charging or discharging blocked).
+            until = t
+        self._seg = (flows, rate, bound)
+        self._seg_until = until
+        return self._seg
+
+    def _flows_now(self) -> Flows:
+        """The flows at ``self.t`` (after :meth:`advance`)."""
+        return self._seg[0] if self.t < self._seg_until else self._flows(self.t)
 
     # ---- probes -------------------------------------------------------------------------------
     def add_probe(self, step_s: float, fn: Probe, phase_s: float = 0.0) -> None:
@@ -544,6 +575,7 @@ class HomePhysics:
         """Integrate up to now under the old controls; the registers' snapshot is stale."""
         self.advance()
         self._register_snap = None
+        self._seg_until = -math.inf  # the controls change: flows are worked out again
 
     def command_inverter_limit(
         self,
@@ -649,7 +681,7 @@ class HomePhysics:
         """Advance to now and return (t, site W, load W): what a compliance observer samples,
         without the full :class:`HomeState` (phases, counters) a device refresh needs."""
         self.advance()
-        load, _avail, pv, bat, _lim = self._flows(self.t)
+        load, _avail, pv, bat, _lim = self._flows_now()
         return self.t, load - pv + bat, load
 
     def register_state(self) -> HomeState:
@@ -664,7 +696,7 @@ class HomePhysics:
     def state(self) -> HomeState:
         """Advance to now and return a snapshot."""
         self.advance()
-        return self.snapshot(self.t, self._flows(self.t))
+        return self.snapshot(self.t, self._flows_now())
 
     def snapshot(self, t: float, flows: Flows) -> HomeState:
         """The state at ``t`` with ``flows`` from ``t`` on, the counters as integrated so far

@@ -67,6 +67,7 @@ from gateway.envelope_agent import EnvelopeAgent, agent_settings
 from gateway.messages import Topics
 from gateway.mqtt import MqttSession
 from gateway.plausibility import ReadingGuard
+from gateway.recent_rows import RecentRows
 from gateway.sdnotify import Notifier
 from gateway.store import Aggregator, Batch, Counters, Event, OutboxRow, Store, StoreError
 from gateway.supervisor import Supervisor, TaskSpec, Unrecoverable
@@ -189,6 +190,7 @@ class Gateway:
         self._committed_seq = 0
         self._published_seq = 0
         self._persisted_published = 0
+        self._recent = RecentRows(0)  # what the publisher reads back, without the store's thread
         self._energy_base: dict[str, float] = {"import": 0.0, "export": 0.0, "pv": 0.0}
         self.new_rows = asyncio.Event()
         self.commit_now = asyncio.Event()
@@ -290,6 +292,7 @@ class Gateway:
         st = self.store
         self._committed_seq = await self._in_db(st.last_seq)
         self._next_seq = self._committed_seq + 1
+        self._recent = RecentRows(self._committed_seq)
         self._published_seq = self._persisted_published = await self._in_db(st.published_seq)
         if self.envelope is not None:
             # Before the fast loop's first write: a restart resumes the limits it held.
@@ -320,9 +323,13 @@ class Gateway:
 
     async def fetch(self, after_seq: int, limit: int) -> list[OutboxRow]:
         assert self.store is not None
+        rows = self._recent.get(after_seq, limit)  # what was just committed, or nothing new
+        if rows is not None:
+            return rows
         return await self._in_db(self.store.unpublished, after_seq, limit)
 
     def acked(self, seq: int) -> None:
+        self._recent.published(seq)
         if seq > self._published_seq:
             self.stats.telemetry_published += seq - self._published_seq
             self._published_seq = seq
@@ -842,6 +849,7 @@ class Gateway:
         self.stats.store_commits += 1
         if batch.outbox:
             self._committed_seq = batch.outbox[-1].seq
+            self._recent.committed(batch.outbox)
             self.stats.telemetry_stored += len(batch.telemetry)
             log.debug("store: committed up to seq %d", self._committed_seq)
             self.new_rows.set()
@@ -858,6 +866,7 @@ class Gateway:
             log.error("store retention: %s", e)
             return
         if out.get("lost"):
+            self._recent.forget(self._committed_seq)
             self.stats.telemetry_lost += out["lost"]
             log.error("store: outbox over %d rows; dropped the %d oldest unpublished (they stay "
                       "in the telemetry table)", s.outbox_max_rows, out["lost"])
