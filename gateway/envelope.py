@@ -387,6 +387,7 @@ class _Resolved:
     sources: tuple[Source, Source, Source, Source]
     origins: tuple[str | None, str | None, str | None, str | None]
     next_change: float | None  # the segment's end
+    in_force: tuple[Control, ...]  # covering controls that govern a limit, by start then id
 
 
 class Schedule:
@@ -408,6 +409,7 @@ class Schedule:
         self._seg_key: tuple[int, DefaultControl | None, EnvelopeConfig] | None = None
         self._bounds: list[float] = []
         self._segs: dict[int, _Resolved] = {}
+        self._first_end = math.inf  # the earliest end of a held control (expire's shortcut)
 
     # -- contents
 
@@ -428,8 +430,8 @@ class Schedule:
         )
 
     def in_force(self, now: float) -> tuple[Control, ...]:
-        """Held controls covering ``now`` that govern at least one limit."""
-        return tuple(c for c in self.controls if c.covers(now) and self.governs(c.id))
+        """Held controls covering ``now`` that govern at least one limit (by start, then id)."""
+        return self._segment(now).in_force
 
     # -- changes
 
@@ -503,6 +505,9 @@ class Schedule:
 
     def expire(self, now: float) -> list[Control]:
         """Drop controls whose window has ended by ``now``; returns them (for "completed" acks)."""
+        self._keyed()
+        if now < self._first_end:
+            return []  # every control loop asks, every cycle
         done = [c for c in self._controls.values() if c.end <= now]
         if done:
             self._version += 1
@@ -566,6 +571,16 @@ class Schedule:
     def _segment(self, now: float) -> _Resolved:
         """Controls and default resolved at ``now`` before rule 5 (contact), cached for the
         segment between the window bounds around ``now``."""
+        self._keyed()
+        i = bisect.bisect_right(self._bounds, now)
+        seg = self._segs.get(i)
+        if seg is None:
+            seg = self._segs[i] = self._resolve(now, self._bounds[i]
+                                                if i < len(self._bounds) else None)
+        return seg
+
+    def _keyed(self) -> None:
+        # The caches hold for one version of the controls, one default and one config.
         key = self._seg_key
         if (key is None or key[0] != self._version or key[1] is not self.default
                 or key[2] is not self.config):
@@ -575,12 +590,7 @@ class Schedule:
             self._bounds = sorted({t for c in self._controls.values()
                                    for t in (c.start, c.start + c.duration_s)})
             self._segs = {}
-        i = bisect.bisect_right(self._bounds, now)
-        seg = self._segs.get(i)
-        if seg is None:
-            seg = self._segs[i] = self._resolve(now, self._bounds[i]
-                                                if i < len(self._bounds) else None)
-        return seg
+            self._first_end = min((c.end for c in self._controls.values()), default=math.inf)
 
     def _resolve(self, now: float, next_change: float | None) -> _Resolved:
         fallback = self.config.fallback
@@ -613,6 +623,8 @@ class Schedule:
             sources=(sources[0], sources[1], sources[2], sources[3]),
             origins=(origins[0], origins[1], origins[2], origins[3]),
             next_change=next_change,
+            in_force=tuple(sorted((c for c in covering if self.governs(c.id)),
+                                  key=lambda c: (c.start, c.id))),
         )
 
     # -- persistence
@@ -669,6 +681,7 @@ class Schedule:
             sched._controls[c.id] = c
             if lost:
                 sched._lost[c.id] = set(lost)
+            sched._version += 1
         d = doc.get("default")
         if d is not None:
             sched.default = parse_default(d, site, _restore_now(d), loose)
@@ -755,6 +768,10 @@ class LimitRamp:
     def apply(self, target: ActiveLimits, now: float) -> ActiveLimits:
         """The effective limits at ``now`` for the resolved ``target``; ``ramping`` is set while
         any limit is below its target."""
+        if self._prev is not None and self._prev == target.limits:
+            # Steady (every cycle but a few): the ramp holds the target as it is.
+            self._t = now
+            return target if not target.ramping else replace(target, ramping=False)
         dt = 0.0 if self._t is None else now - self._t
         eff = ramp_limits(self._prev, target.limits, dt, self.rating_w, self.pct_per_min)
         self._prev, self._t = eff, now

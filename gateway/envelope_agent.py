@@ -668,7 +668,9 @@ class EnvelopeAgent:
         eff = target if self._ramp is None else self._ramp.apply(target, now)
         self.active = eff
         self.active_at = now
-        summary = (target.source, target.control_ids, target.limits, target.contact_lost)
+        # (sources and origins, not control_ids: the same information without a sort per cycle)
+        summary = (target.source, target.sources, target.origins, target.limits,
+                   target.contact_lost)
         if summary != self._summary:
             if self._summary is not None:
                 lim = ", ".join(f"{n} {v:.0f}" for n in LIMIT_NAMES

@@ -387,7 +387,8 @@ def test_schedule_matches_the_order_free_reference_in_any_arrival_order(
 def test_cached_resolution_equals_a_fresh_schedule_after_any_changes(
     controls: list[Control], steps: list[tuple[str, float]]
 ) -> None:
-    """``active`` caches per segment between window bounds: interleaving questions with every
+    """``active`` (and ``in_force``, ``expire``) cache per segment between window bounds
+    (and the earliest end): interleaving questions with every
     kind of change (controls held and expired, a new default, contact, a view with another
     config), each answer equals a fresh schedule's (restored from the same state, no cache)."""
     cfg = EnvelopeConfig(fallback=Limits(export_w=1500.0), contact_timeout_s=900.0)
@@ -398,7 +399,8 @@ def test_cached_resolution_equals_a_fresh_schedule_after_any_changes(
         if op == "add" and pending:
             s.add(pending.pop())
         elif op == "expire":
-            s.expire(t)
+            want = [c.id for c in Schedule.from_json(s.to_json(), cfg).expire(t)]
+            assert [c.id for c in s.expire(t)] == want, ("expire", t)
         elif op == "default":
             n_default += 1
             s.set_default(dflt(created=NOW - 100 + n_default, cid=f"d{n_default}",
@@ -413,6 +415,8 @@ def test_cached_resolution_equals_a_fresh_schedule_after_any_changes(
             assert v.active(t) == fresh_v.active(t)
         fresh = Schedule.from_json(s.to_json(), cfg)
         assert s.active(t) == fresh.active(t), (op, t)
+        assert s.in_force(t) == tuple(c for c in s.controls
+                                      if c.covers(t) and s.governs(c.id)), ("in_force", t)
 
 
 @settings(max_examples=100, deadline=None)
