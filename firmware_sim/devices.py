@@ -88,13 +88,15 @@ class Slot:
     lo: int
     hi: int
     p: PointDef
+    mul: float = 1.0  # 10 ** -sf, worked out once (the same float as computing it per put)
 
 
 def _slot(img: RegisterImage, model_id: int, point: str) -> Slot:
     p, i = img.locate(model_id, point)
     sf = img.sf_of(model_id, point)
+    sf = 0 if sf is None else sf
     lo, hi = raw_range(p.type)
-    return Slot(i, p.size, 0 if sf is None else sf, lo, hi, p)
+    return Slot(i, p.size, sf, lo, hi, p, 10.0 ** (-sf))
 
 
 def put(regs: list[int], s: Slot, value: float | None) -> None:
@@ -102,7 +104,7 @@ def put(regs: list[int], s: Slot, value: float | None) -> None:
     if value is None:
         regs[s.i : s.i + s.size] = encode_raw(s.p, None)
         return
-    raw = round(value * 10.0 ** (-s.sf)) if s.sf else round(value)
+    raw = round(value * s.mul) if s.sf else round(value)
     raw = s.lo if raw < s.lo else s.hi if raw > s.hi else raw
     if s.size == 1:
         regs[s.i] = raw & 0xFFFF
