@@ -198,6 +198,7 @@ class PlannerStats:
     solve_ms_sum: float = 0.0  # LP solves only
     round_ms_last: float = 0.0  # history read + forecasts + solve, real time
     history_rows: int = 0
+    load_reused: int = 0  # plans on the load forecast made earlier in the same step (awards)
     load_source: str = ""
     pv_source: str = ""  # model | external | external+model | none, last plan
     pv_external: str = ""  # which external forecast the last plan used: file | mqtt | ""
@@ -231,6 +232,9 @@ class PlanJob:
     award_w: FloatArray | None = None  # market commitments per step (+ sold), W
     pv_forecast_file: str | None = None  # an external PV forecast, re-read every plan
     pv_mqtt: ExternalForecast | None = None  # the one held from MQTT forecast/pv (read-only)
+    # The load forecast made earlier in this planning step (source, history days, watts):
+    # used as is instead of forecasting again from the history.
+    load: tuple[str, int, FloatArray] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,12 +263,17 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
     before the horizon starts) or short (under half the horizon) ones are passed over.
     """
     t0 = time.perf_counter()
-    lf = forecast_load(job.hist_t, job.hist_load, job.now, step_s=job.step_s,
-                       horizon_s=job.horizon_s, tz=job.tz, quantiles=False)  # plans on the point
-    if lf.start != job.start:
-        raise ValueError(f"the time zone's UTC offset at {job.start:.0f} is not a multiple of "
-                         f"planner.step_s ({job.step_s} s): local and UTC steps do not align")
     n = job.horizon_s // job.step_s
+    if job.load is not None and job.load[2].shape == (n,):
+        load_source, history_days, load_w = job.load
+    else:
+        lf = forecast_load(job.hist_t, job.hist_load, job.now, step_s=job.step_s,
+                           horizon_s=job.horizon_s, tz=job.tz, quantiles=False)  # the point
+        if lf.start != job.start:
+            raise ValueError(f"the time zone's UTC offset at {job.start:.0f} is not a multiple "
+                             f"of planner.step_s ({job.step_s} s): local and UTC steps do not "
+                             "align")
+        load_source, history_days, load_w = lf.source, lf.history_days, lf.watts
     pv_source = "none"
     pv: FloatArray = np.zeros(n)
     used = ""
@@ -286,11 +295,11 @@ def compute_plan(job: PlanJob, solver: Solver = solve_plan) -> PlanResult:
         pv, pv_source = pf.watts, pf.source
         used = chosen[0] if chosen is not None and pf.source != "model" else ""
     forecast_ms = (time.perf_counter() - t0) * 1e3
-    inputs = PlanInputs(step_s=job.step_s, load_w=lf.watts, pv_w=pv,
+    inputs = PlanInputs(step_s=job.step_s, load_w=load_w, pv_w=pv,
                         import_price=job.import_price, export_price=job.export_price,
                         battery=job.battery, limits=job.limits, award_w=job.award_w)
     plan = plan_or_fallback(inputs, budget_ms=job.budget_ms, solver=solver)
-    return PlanResult(plan, inputs, lf.source, lf.history_days, pv_source, forecast_ms,
+    return PlanResult(plan, inputs, load_source, history_days, pv_source, forecast_ms,
                       start=job.start, pv_external=used, pv_notes=tuple(pv_notes))
 
 
@@ -454,13 +463,22 @@ class Planner:
             return False
         h = self._hist
         mqtt_pv = gw.mqtt.pv_forecast.current if gw.mqtt is not None else None
+        # Within one planning step (a replan for a market award, a retry) the step's load
+        # forecast stands: the history has grown by a few minutes of today, which moves a
+        # forecast of slot means by next to nothing, and forecasting is half a plan's CPU.
+        # PV is forecast again (an external forecast may have arrived).
+        prev = self.last
+        load = ((prev.load_source, prev.history_days, prev.inputs.load_w)
+                if prev is not None and prev.start == start and prev.load_source else None)
+        if load is not None:
+            self.stats.load_reused += 1
         job = PlanJob(now=now, start=start, step_s=c.step_s, horizon_s=c.horizon_s,
                       hist_t=h[:, 0].copy(), hist_load=h[:, 1].copy(), hist_pv=h[:, 2].copy(),
                       import_price=imp, export_price=exp, battery=battery,
                       limits=limits if limits is not None else StepLimits.unlimited(n),
                       tz=self.tz, array=self.array, budget_ms=c.budget_ms, award_w=award,
                       pv_forecast_file=c.pv_forecast_file,
-                      pv_mqtt=mqtt_pv)
+                      pv_mqtt=mqtt_pv, load=load)
         fut = asyncio.ensure_future(in_plan_thread(compute_plan, job, self.solver))
         self._busy = fut
         # Real seconds: bounds a solver that ignores its own time limit (HiGHS honours it).

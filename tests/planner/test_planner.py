@@ -218,3 +218,23 @@ def test_planner_config_errors(tmp_path: Path) -> None:
     c = planner_config(str(tmp_path / "x.db"), pv_kwp=5.0, lat=52.5, lon=13.4,
                        timezone="Europe/Berlin", terminal_value_per_kwh=0.1)
     assert c.planner.enabled and c.planner.pv_kwp == 5.0 and c.planner.terminal_value_per_kwh == 0.1
+
+
+async def test_the_load_forecast_is_made_once_per_planning_step(gw: Gateway) -> None:
+    """A replan within the step (a market award, a retry) solves on the step's load forecast;
+    the next step forecasts again from the history as it then stands."""
+    p = gw.planner
+    assert p is not None and await p.plan_once(gw)
+    assert p.last is not None and p.stats.load_reused == 0
+    first = p.last.inputs.load_w.copy()
+    # The cached history now says the household uses twice as much: a fresh forecast would.
+    p._hist[:, 1] *= 2.0
+    at(gw, T0 + 120.0)
+    assert await p.plan_once(gw)
+    assert p.stats.load_reused == 1 and p.stats.plans == 2
+    assert np.array_equal(p.last.inputs.load_w, first)
+    at(gw, T0 - T0 % STEP + STEP + 5.0)  # the next step
+    gw.live = site_state(T0 + STEP, 1500.0)
+    assert await p.plan_once(gw)
+    assert p.stats.load_reused == 1
+    assert float(np.mean(p.last.inputs.load_w)) > 1.6 * float(np.mean(first))
