@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -225,20 +226,30 @@ def weighted_quantiles(x: FloatArray, w: FloatArray, qs: ArrayLike) -> FloatArra
     return out
 
 
+@lru_cache(maxsize=16)
+def _smoothing_matrix(n: int, sigma_slots: float) -> FloatArray:
+    """``K`` with ``(x @ K)[i] = sum_j k_j x[(i - j) mod n]`` over the Gaussian taps ``k_j``,
+    ``|j| <= 3 sigma`` (at most half a day; at exactly half both taps land on one slot)."""
+    half = min(math.ceil(3 * sigma_slots), n // 2)
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma_slots) ** 2)
+    m = np.zeros((n, n))
+    cols = np.arange(n)
+    for j, kj in zip(range(-half, half + 1), k, strict=True):
+        m[(cols - j) % n, cols] += kj
+    m.setflags(write=False)
+    return m
+
+
 def smooth_slots(p: FloatArray, sigma_slots: float) -> FloatArray:
     """Gaussian smoothing along the last axis, wrapping midnight; NaN-aware."""
     if sigma_slots <= 0:
         return p
-    n = p.shape[-1]
-    half = min(math.ceil(3 * sigma_slots), n // 2)
-    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma_slots) ** 2)
-    val = np.where(np.isfinite(p), p, 0.0)
-    wt = np.isfinite(p).astype(np.float64)
-    num = np.zeros_like(val)
-    den = np.zeros_like(val)
-    for j, kj in zip(range(-half, half + 1), k, strict=True):
-        num += kj * np.roll(val, j, axis=-1)
-        den += kj * np.roll(wt, j, axis=-1)
+    # One product with a circulant matrix (cached per day length and width) instead of a
+    # shifted copy per tap: a plan smooths four profiles.
+    k = _smoothing_matrix(p.shape[-1], float(sigma_slots))
+    fin = np.isfinite(p)
+    num = np.where(fin, p, 0.0) @ k
+    den = fin.astype(np.float64) @ k
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 1e-9, num / den, np.nan)
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.forecast.load import LoadConfig, forecast_load, is_weekend, weighted_quantiles
+from gateway.forecast.load import (
+    LoadConfig,
+    forecast_load,
+    is_weekend,
+    smooth_slots,
+    weighted_quantiles,
+)
 
 T0 = datetime(2021, 3, 1, tzinfo=UTC).timestamp()  # a Monday, UTC midnight
 DAY = 86400.0
@@ -211,3 +220,32 @@ def test_point_forecast_without_quantiles_is_the_same(mean_weight: float, days: 
     np.testing.assert_array_equal(lean.watts, full.watts)
     assert (lean.start, lean.source, lean.history_days) == (full.start, full.source,
                                                            full.history_days)
+
+
+def _smooth_by_taps(p: np.ndarray, sigma_slots: float) -> np.ndarray:
+    """The definition: a weighted sum of shifted copies, one per Gaussian tap."""
+    n = p.shape[-1]
+    half = min(math.ceil(3 * sigma_slots), n // 2)
+    taps = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma_slots) ** 2)
+    fin = np.isfinite(p)
+    val, wt = np.where(fin, p, 0.0), fin.astype(np.float64)
+    num, den = np.zeros_like(val), np.zeros_like(val)
+    for j, kj in zip(range(-half, half + 1), taps, strict=True):
+        num += kj * np.roll(val, j, axis=-1)
+        den += kj * np.roll(wt, j, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-9, num / den, np.nan)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), rows=st.integers(1, 3), sigma=st.floats(0.05, 200.0),
+       seed=st.integers(0, 2**32 - 1), nan_share=st.floats(0.0, 1.0))
+def test_smoothing_equals_the_sum_over_taps(n: int, rows: int, sigma: float, seed: int,
+                                            nan_share: float) -> None:
+    rng = np.random.default_rng(seed)
+    p = rng.normal(500.0, 300.0, (rows, n))
+    p[rng.random((rows, n)) < nan_share] = np.nan
+    got, want = smooth_slots(p, sigma), _smooth_by_taps(p, sigma)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(smooth_slots(p[0], sigma), want[0], rtol=1e-9, atol=1e-9)
