@@ -173,27 +173,32 @@ def home_mix(n: int) -> list[HomeSpec]:
     return out
 
 
-# CPU seconds on a 2-core x86 machine (Python 3.11, pymodbus 3.16): one home's fast-loop cycle
-# with its simulated devices answering (~3.3 ms over Modbus TCP, the client and server sides
-# about equally; ~0.6 ms in process), one physics sample of the compliance observer (~0.3 ms),
-# one interval's plan and bid curve (~0.17 s through cvxpy, ~0.06 s held in HiGHS). The
-# in-process and HiGHS parts are fitted to whole runs: a 50-home day in process with HiGHS
-# measured 15.4-15.8 CPU s per home in all (the model: 16.2).
-CPU_PER_CYCLE_S = {"tcp": 0.0033, "inproc": 0.0006}
-CPU_PER_SAMPLE_S = 0.0003
-CPU_PER_INTERVAL_S = {"cvxpy": 0.17, "highs": 0.06}
+# CPU seconds on a 2-core x86 machine (Python 3.11, pymodbus 3.16), all processes counted (the
+# workers, the parent's operator and DSO, the broker): one home's fast-loop cycle with its
+# simulated devices answering (~3.3 ms over Modbus TCP, the client and server sides about
+# equally; ~1.0 ms in process, physics and compliance probes included), one interval's plans
+# (periodic and award replan) and bid curve (~0.17 s through cvxpy, ~0.016 s held in HiGHS).
+# The in-process and HiGHS parts are fitted to whole runs: a 50-home day in process with HiGHS
+# measured 493-516 CPU s, 9.9-10.3 per home (the model: 10.2).
+CPU_PER_CYCLE_S = {"tcp": 0.0033, "inproc": 0.001}
+CPU_PER_INTERVAL_S = {"cvxpy": 0.17, "highs": 0.016}
 # An elastic timeline holds after a stall; the stall itself still delays cycles by its length
-# times the speed. Stalls of 30-50 ms are common with many homes per process (bursts of plans,
-# bids and MQTT traffic at interval boundaries): keep them under a control cycle. Measured, 10
-# homes over Modbus TCP, elastic: at x330 (a 30 ms bound) 3 excursions ran 15.0-16.0 s, just
-# beyond the 15 s tolerance (0 at x120 rigid).
-STALL_S = 0.05
+# times the speed: keep the longest common stall under a control cycle. Over Modbus TCP stalls
+# of 30-50 ms are common with many homes per process (socket bursts at interval boundaries);
+# measured, 10 homes over TCP, elastic: at x330 (a 30 ms bound) 3 excursions ran 15.0-16.0 s,
+# just beyond the 15 s tolerance (0 at x200). In process there is no wire and the workers are
+# pinned: measured, 50 homes, 3 simulated hours from 05:00 on two cores, ceiling x400: 39.6-39.8
+# s, late cycles 0.0 %; x450: 37.8-38.5 s, 0.01-0.03 %; x500: 37.7-37.8 s, 0.09-0.12 %; no
+# episode beyond tolerance in any (x450 is the knee: beyond it only late cycles grow).
+STALL_S = {"tcp": 0.05, "inproc": 0.022}
+# Elastic: the timeline holds while the CPU is short, so the ceiling may ask for more CPU than
+# the cores have; 1.4x their time puts 50 homes in process at the knee above.
+ELASTIC_SHARE = 1.4
 
 
 def cpu_per_domain_s(opts: CommunityOptions) -> float:
     """CPU seconds the community costs per simulated second (the model above)."""
     return opts.homes * (CPU_PER_CYCLE_S[opts.transport] / opts.cycle_s
-                         + CPU_PER_SAMPLE_S / opts.envelope_sample_s
                          + CPU_PER_INTERVAL_S[opts.solver] / opts.interval_s)
 
 
@@ -209,16 +214,13 @@ def auto_speed(opts: CommunityOptions) -> float:
     exceeded it for more than 5.5 s.
 
     Elastic timeline (the default): the speed is a ceiling; bursts hold the timeline instead of
-    making cycles late, so it may ask for 70 % of the cores, but no more than keeps a
-    ``STALL_S`` stall under one control cycle of domain time. Measured, 50 homes in process:
-    ceiling x140 -> x119 in effect, 728 s, 1 excursion beyond tolerance; x190 -> x145, 601 s,
-    7 (15.2 s ones: a few ms of extra delay at these speeds is seconds of response); x300 ->
-    x195, 447 s, 10. 10 homes over TCP: x200 clean, x330 3."""
+    making cycles late, so it may ask for ``ELASTIC_SHARE`` of the cores' time, but no more than
+    keeps a ``STALL_S`` stall (by transport) under one control cycle of domain time."""
     cores = len(usable_cpus())
-    share = 0.7 if opts.elastic else 0.35
+    share = ELASTIC_SHARE if opts.elastic else 0.35
     speed = share * cores / cpu_per_domain_s(opts)
     if opts.elastic:
-        speed = min(speed, opts.cycle_s / STALL_S)
+        speed = min(speed, opts.cycle_s / STALL_S[opts.transport])
     return float(min(1440.0, max(20.0, round(speed, -1))))
 
 
