@@ -362,8 +362,8 @@ class HomePhysics:
             dl, dp = profiles_for(config)
             load = load if load is not None else dl
             pv = pv if pv is not None else dp
-        self.load_profile = load
-        self.pv_profile = pv
+        self._load_profile = load
+        self._pv_profile = pv
         self.inverter = InverterControls(
             rated_w=config.inverter_rated_w, wmax_w=config.inverter_rated_w
         )
@@ -389,6 +389,33 @@ class HomePhysics:
         self._seg: tuple[Flows, float, float | None] = ((0.0, 0.0, 0.0, 0.0, 0.0), 0.0, None)
         self._seg_until = -math.inf
 
+    # ---- profiles -------------------------------------------------------------------------
+    @property
+    def load_profile(self) -> StepProfile:
+        """The household's load (W). Replacing it changes the home from now on (the time
+        before is integrated under the old one), like a command."""
+        return self._load_profile
+
+    @load_profile.setter
+    def load_profile(self, p: StepProfile) -> None:
+        self._changed()
+        self._load_profile = p
+
+    @property
+    def pv_profile(self) -> StepProfile:
+        """The array's available power (W); replacing it takes effect now (see load_profile)."""
+        return self._pv_profile
+
+    @pv_profile.setter
+    def pv_profile(self, p: StepProfile) -> None:
+        self._changed()
+        self._pv_profile = p
+
+    def _changed(self) -> None:
+        # Integrate up to now under what held so far; the flows are worked out again.
+        self.advance()
+        self._seg_until = -math.inf
+
     # ---- profile lookup -----------------------------------------------------------------
     def _year_offset(self, t: float) -> float:
         if not self._y0 <= t < self._y1:
@@ -400,10 +427,10 @@ class HomePhysics:
         return float(p.values[int(ty // p.step_s) % len(p.values)]) * p.scale
 
     def load_at(self, t: float) -> float:
-        return self._at(self.load_profile, self._year_offset(t))
+        return self._at(self._load_profile, self._year_offset(t))
 
     def pv_avail_at(self, t: float) -> float:
-        return self._at(self.pv_profile, self._year_offset(t)) if self.config.has_pv else 0.0
+        return self._at(self._pv_profile, self._year_offset(t)) if self.config.has_pv else 0.0
 
     # ---- instantaneous flows --------------------------------------------------------------
     def limit_pct_at(self, t: float) -> float:
@@ -485,7 +512,7 @@ class HomePhysics:
         flows = self._flows(t)
         bat = flows[3]
         until = math.inf
-        for p in (self.load_profile, self.pv_profile):
+        for p in (self._load_profile, self._pv_profile):
             step = p.step_s
             until = min(until, (math.floor(t / step) + 1) * step)
         inv = self.inverter
@@ -573,9 +600,8 @@ class HomePhysics:
     # ---- commands (applied at clock.now()) --------------------------------------------------
     def _command(self) -> None:
         """Integrate up to now under the old controls; the registers' snapshot is stale."""
-        self.advance()
+        self._changed()
         self._register_snap = None
-        self._seg_until = -math.inf  # the controls change: flows are worked out again
 
     def command_inverter_limit(
         self,

@@ -198,7 +198,7 @@ class PlannerStats:
     solve_ms_sum: float = 0.0  # LP solves only
     round_ms_last: float = 0.0  # history read + forecasts + solve, real time
     history_rows: int = 0
-    load_reused: int = 0  # plans on the load forecast made earlier in the same step (awards)
+    load_reused: int = 0  # rounds given the load forecast made earlier in the same step
     load_source: str = ""
     pv_source: str = ""  # model | external | external+model | none, last plan
     pv_external: str = ""  # which external forecast the last plan used: file | mqtt | ""
@@ -465,7 +465,8 @@ class Planner:
         mqtt_pv = gw.mqtt.pv_forecast.current if gw.mqtt is not None else None
         # Within one planning step (a replan for a market award, a retry) the step's load
         # forecast stands: the history has grown by a few minutes of today, which moves a
-        # forecast of slot means by next to nothing, and forecasting is half a plan's CPU.
+        # forecast of slot means by next to nothing, and the load forecast is about a third
+        # of a plan's CPU (half of a community's plans are award replans at gate closure).
         # PV is forecast again (an external forecast may have arrived).
         prev = self.last
         load = ((prev.load_source, prev.history_days, prev.inputs.load_w)

@@ -314,3 +314,19 @@ def test_registers_update_every_register_update_s_and_on_commands() -> None:
     assert exact.register_state().t == pytest.approx(NOON + 0.01) and first.t == NOON
     with pytest.raises(ValueError, match="register_update_s"):
         HomeConfig(register_update_s=-1.0)
+
+
+def test_a_new_profile_takes_effect_at_once_and_the_past_keeps_the_old_one() -> None:
+    """Flows are kept between change points; replacing a profile is one (a fault test switches
+    the household's load off mid-step this way)."""
+    cfg = HomeConfig(pv_kwp=0.0, battery_wh=0.0)
+    ph, clock = make(cfg, profiles=flat_profiles(load_w=800.0, pv_w=0.0))
+    clock.t = DAY0 + 30.0  # inside the profile's step: the flows are cached
+    assert ph.state().load_w == 800.0
+    ph.load_profile = StepProfile([200.0] * (365 * 24), 3600)
+    assert ph.state().load_w == 200.0 and ph.site_now()[2] == 200.0
+    clock.t = DAY0 + 90.0
+    st = ph.state()
+    assert st.load_w == 200.0
+    # 30 s at 800 W, then 60 s at 200 W
+    assert st.load_wh == pytest.approx((800.0 * 30 + 200.0 * 60) / 3600.0)
