@@ -276,7 +276,7 @@ def worker_cpus(n: int, cpus: Sequence[int]) -> list[int | None]:
     wall and 62.8-66.4 CPU s pinned, 45.0-45.3 s and 69.8-71.7 s free."""
     if len(cpus) < 2 or n > len(cpus):
         return [None] * n
-    return [cpus[i] for i in range(n)]
+    return list(cpus[:n])
 
 
 def _pin(cpu: int) -> None:

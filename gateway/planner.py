@@ -470,7 +470,7 @@ class Planner:
         # PV is forecast again (an external forecast may have arrived).
         prev = self.last
         load = ((prev.load_source, prev.history_days, prev.inputs.load_w)
-                if prev is not None and prev.start == start and prev.load_source else None)
+                if prev is not None and prev.start == start else None)
         if load is not None:
             self.stats.load_reused += 1
         job = PlanJob(now=now, start=start, step_s=c.step_s, horizon_s=c.horizon_s,

@@ -245,7 +245,7 @@ def smooth_slots(p: FloatArray, sigma_slots: float) -> FloatArray:
     if sigma_slots <= 0:
         return p
     # One product with a circulant matrix (cached per day length and width) instead of a
-    # shifted copy per tap: a plan smooths four profiles.
+    # shifted copy per tap: every plan smooths a profile for each day of its horizon.
     k = _smoothing_matrix(p.shape[-1], float(sigma_slots))
     fin = np.isfinite(p)
     num = np.where(fin, p, 0.0) @ k

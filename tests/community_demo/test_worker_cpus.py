@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,8 +28,8 @@ def test_no_pinning_when_oversubscribed_or_on_one_core() -> None:
 def test_usable_cpus_is_this_process_mask() -> None:
     cpus = usable_cpus()
     assert cpus and cpus == sorted(set(cpus))
-    if hasattr(__import__("os"), "sched_getaffinity"):
-        assert set(cpus) == __import__("os").sched_getaffinity(0)
+    if hasattr(os, "sched_getaffinity"):
+        assert set(cpus) == os.sched_getaffinity(0)
 
 
 @pytest.mark.skipif(len(usable_cpus()) < 2 or not sys.platform.startswith("linux"),
