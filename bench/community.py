@@ -17,7 +17,8 @@ time say whether the run was healthy: the speed in effect and the seconds held, 
 processes.
 
 Usage: ``python bench/community.py [--homes 10,50] [--hours 24] [--cycle 10] [--interval 900]
-[--speed S] [--workers W] [--devices auto|tcp|inproc] [--solver highs|cvxpy] [--rigid]``.
+[--speed S] [--workers W] [--devices auto|tcp|inproc] [--solver highs|cvxpy] [--rigid]
+[--plan-thread]``.
 The last stdout line is one JSON object: ``{"runs": [{"homes", "wall_s", "speed",
 "effective_speed", "held_s", "devices", "cycle_s", "interval_s", "cpu_s", "late_cycle_pct",
 "plans", "bids_sent", "traded_kwh", "episodes_beyond_tolerance"}, ...], "wall_s_<N>": ...}``.
@@ -53,7 +54,7 @@ def run_one(homes: int, args: argparse.Namespace) -> dict[str, Any]:
                             cycle_s=args.cycle, interval_s=args.interval, workers=args.workers,
                             start=args.start, baseline=False, picture=False,
                             devices=args.devices, solver=args.solver,
-                            elastic=not args.rigid)
+                            elastic=not args.rigid, plan_process=not args.plan_thread)
     cpu0, wall0 = _cpu_s(), time.monotonic()
     r = asyncio.run(run_community(opts))
     wall = time.monotonic() - wall0
@@ -71,6 +72,7 @@ def run_one(homes: int, args: argparse.Namespace) -> dict[str, Any]:
         "plans": g["plans"], "fallbacks": g["fallbacks"], "bids_sent": g["bids_sent"],
         "awards": g["awards"], "traded_kwh": r["market"].get("traded_kwh"),
         "avg_price": r["market"].get("avg_price"),
+        "award_shortfall_kwh": r["market"].get("award_shortfall_kwh"),
         "episodes_beyond_tolerance": r["envelope"]["episodes_beyond_tolerance"],
         "max_export_exceedance_w": r["envelope"]["max_export_exceedance_w"],
         "errors": len(r["errors"]),
@@ -91,6 +93,8 @@ def main() -> int:
     p.add_argument("--solver", choices=("highs", "cvxpy"), default="highs")
     p.add_argument("--rigid", action="store_true",
                    help="a rigid timeline (no hold while a loop is behind)")
+    p.add_argument("--plan-thread", action="store_true",
+                   help="plan on each worker's thread (default: in a child process of it)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     runs = []

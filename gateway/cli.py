@@ -111,7 +111,7 @@ def _cmd_community(args: argparse.Namespace) -> int:
             start=args.start, out_dir=args.out, broker=args.broker, workers=args.workers,
             interval_s=args.interval, baseline=not args.no_baseline,
             picture=not args.no_picture, devices=args.devices, solver=args.solver,
-            elastic=not args.rigid)
+            elastic=not args.rigid, plan_process=not args.plan_thread)
         report = asyncio.run(run_community(opts))
     except (ValueError, RuntimeError) as e:
         print(f"hems demo: {e}", file=sys.stderr)
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="community: the planners' LP solve (the same LP either way)")
     s.add_argument("--rigid", action="store_true",
                    help="community: a rigid timeline (default: held while a loop is behind)")
+    s.add_argument("--plan-thread", action="store_true",
+                   help="community: plan on each worker's thread (default: in a child process "
+                        "of the worker at low priority)")
     s.add_argument("--start", default="2026-06-21T00:00:00Z", help="simulated start (UTC)")
     s.add_argument("--out", default=None, help="directory for the database and report files")
     s.add_argument("--broker", default="auto",

@@ -32,12 +32,14 @@ import asyncio
 import json
 import logging
 import math
+import multiprocessing
+import os
 import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,19 +80,70 @@ MAX_READING_AGE_STEPS = 1.0  # battery reading older than this many intervals: d
 
 # ---------------------------------------------------------------------------- the planning thread
 
-_executor: ThreadPoolExecutor | None = None
+_executor: Executor | None = None
 _busy_lock = threading.Lock()
 _running = 0
 _peak = 0
+# (nice, steps, step_s) once :func:`use_plan_process` chose a child process over the thread
+_process: tuple[int, int, float] | None = None
 
 
-def _plan_thread() -> ThreadPoolExecutor:
+def _plan_thread() -> Executor:
     # One worker for the whole process: several gateways in one process (demo, tests) must not
     # solve at once either, since the compiled cvxpy problems are shared module state.
     global _executor
     if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hems-plan")
+        if _process is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hems-plan")
+        else:
+            _executor = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_child_init, initargs=(os.getpid(), *_process))
     return _executor
+
+
+def use_plan_process(nice: int, steps: int, step_s: float) -> None:
+    """Plan in one child process of this process instead of on a thread of it.
+
+    For a process that runs many gateways' fast loops (the community demo's workers): the
+    planning thread's long Python stretches (forecasts, LP set-up and unpacking) hold the
+    interpreter lock the fast loops need, so every plan stalls them for about half its length.
+    In a child the plans share only the CPU, and at ``nice`` (0-19) the fast loops win it when
+    both want it. The child imports the planner and compiles the LP of ``steps`` x ``step_s``
+    at normal priority, then lowers its own; it exits when this process does (it watches its
+    parent), and :func:`close_plan_executor` ends it earlier. Jobs and their results travel by
+    pickle (a day's history is ~35 kB a plan). Call before the first job; a daemon running
+    one household keeps the thread.
+    """
+    global _process
+    if _executor is not None:
+        raise RuntimeError("use_plan_process must be called before the first planning job")
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice must be in [0, 19], got {nice}")
+    _process = (nice, steps, step_s)
+
+
+def close_plan_executor() -> None:
+    """End the planning thread or child (queued jobs are cancelled); the next job starts anew."""
+    global _executor
+    ex, _executor = _executor, None
+    if ex is not None:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _child_init(parent: int, nice: int, steps: int, step_s: float) -> None:
+    # A child left behind by a killed parent would wait for jobs forever (it holds both ends of
+    # its queue): leave as soon as the parent is gone.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="hems-plan-parent", daemon=True).start()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warm_up(steps, step_s)
+    if nice:
+        os.nice(nice)
 
 
 def solver_for(name: str) -> Solver:
@@ -122,13 +175,27 @@ def _counted(fn: Callable[..., T], *args: Any) -> T:
 
 
 def planning_threads_peak() -> int:
-    """The most planning jobs that ever ran at the same time in this process (should be 1)."""
+    """The most planning jobs that ever ran at the same time on this process's planning thread
+    (should be 1; a planning child counts its own)."""
     return _peak
 
 
 async def in_plan_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` on the process's single planning thread."""
-    return await asyncio.get_running_loop().run_in_executor(_plan_thread(), _counted, fn, *args)
+    """Run ``fn(*args)`` on the process's single planning thread (or its planning child, see
+    :func:`use_plan_process`: then ``fn``, its arguments and its result must pickle).
+
+    A planning child that died (killed, out of memory) raises ``BrokenExecutor`` for the jobs
+    it had; the next job starts a new child.
+    """
+    ex = _plan_thread()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(ex, _counted, fn, *args)
+    except BrokenExecutor:
+        global _executor
+        if _executor is ex:
+            _executor = None
+            log.error("planner: the planning process died; starting a new one")
+        raise
 
 
 # ---------------------------------------------------------------------------- the plan in use

@@ -14,6 +14,7 @@ from community.community_demo import (
     CommunityOptions,
     _edges,
     auto_speed,
+    award_shortfall_kwh,
     bill,
     fit_only_net_export_kwh,
     home_mix,
@@ -125,6 +126,20 @@ def test_awards_honoured_in_their_direction_never_cost_more(net: list[float],
             a = max(a, min(m, 0.0))  # a buyer imports at least what it bought
         awards.append((a, a * p) if a else None)
     assert bill(net, FLOOR, CAP, awards) <= bill(net, FLOOR, CAP) + 1e-9
+
+
+def test_award_shortfall_counts_only_what_an_award_missed_in_its_direction() -> None:
+    net = [1.5, 0.2, -0.3, -2.0, 0.7, -0.4]  # kWh per interval, + exported
+    awards = [(0.5, 0.06),   # sold 0.5, exported 1.5: the rest is no shortfall
+              (0.5, 0.06),   # sold 0.5, exported 0.2: 0.3 short
+              (0.4, 0.05),   # sold 0.4, imported 0.3: 0.7 short
+              (-1.0, -0.2),  # bought 1.0, imported 2.0: none
+              (-0.5, -0.1),  # bought 0.5, exported 0.7: 1.2 short
+              None]          # no award: nothing to miss
+    assert award_shortfall_kwh(net, awards) == pytest.approx(0.3 + 0.7 + 1.2)
+    assert award_shortfall_kwh(net, [None] * len(net)) == 0.0
+    with pytest.raises(ValueError):
+        award_shortfall_kwh(net, awards[:-1])  # one award per interval
 
 
 def test_edges_cover_the_day_on_interval_boundaries() -> None:

@@ -40,6 +40,8 @@ def test_community_demo_trades_settles_and_accounts(tmp_path: Path) -> None:
     m = r["market"]
     assert m["traded_kwh"] > 0 and m["trades"] > 0 and m["bids"] >= m["intervals_traded"]
     assert r["tariff"]["feed_in"] <= m["avg_price"] <= r["tariff"]["retail"]
+    # what the meters missed of the awards: at most everything sold and bought
+    assert 0.0 <= m["award_shortfall_kwh"] <= 2.0 * m["traded_kwh"] + 1e-9
     end = datetime(2026, 6, 21, 12, 0, tzinfo=UTC).timestamp()  # start + 1.25 h
     db = sqlite3.connect(out / "community" / "market.db")
     try:
